@@ -1,0 +1,32 @@
+# The two commands: `make demo` and `make test`. Both create .venv when missing and install
+# everything the project needs (torch 2.14.1 / torchvision 0.29.1 come from the local wheel
+# index configured for pip on the machine; other packages from PyPI).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/demo.yaml
+
+.PHONY: demo test install bench ui clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --progress-bar off -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vidkd pipeline --config $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+ui: $(STAMP)
+	$(VENV)/bin/vidkd ui
+
+clean:
+	rm -rf runs data/synth .pytest_cache

@@ -1,0 +1,320 @@
+"""Configuration: one pydantic model per stage, loaded from YAML and overridden with `--set`.
+
+Every model forbids unknown keys, so a typo in a preset or an override is an error before Ray
+starts. `load_config` turns pydantic's report into one line that names the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------- data
+class SynthConfig(_Strict):
+    """The synthetic driving-scene dataset (`vidkd data synth`)."""
+
+    videos: int = Field(200, ge=3)
+    seed: int = 0
+    fps: int = Field(8, ge=1, le=60)
+    width: int = Field(96, ge=32, le=1920)
+    height: int = Field(64, ge=32, le=1080)
+    min_seconds: float = Field(1.0, gt=0)
+    max_seconds: float = Field(4.0, gt=0)
+    captions_per_video: int = Field(3, ge=1, le=10)
+    val_fraction: float = Field(0.15, ge=0, lt=0.5)
+    test_fraction: float = Field(0.15, ge=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "SynthConfig":
+        if self.max_seconds < self.min_seconds:
+            raise ValueError("max_seconds must be >= min_seconds")
+        if self.width % 2 or self.height % 2:
+            raise ValueError("width and height must be even (H.264 with yuv420p)")
+        return self
+
+
+class MsrvttConfig(_Strict):
+    """The MSRVTT download: annotation files plus the folder of `videoNNNN.mp4` files."""
+
+    data_json: str
+    train_csv: str
+    test_csv: str
+    video_dir: str
+    val_fraction: float = Field(0.05, ge=0, lt=0.5)
+
+
+class DataConfig(_Strict):
+    root: str = "data/synth"
+    manifest: str | None = None  # default: <root>/manifest.jsonl
+    synth: SynthConfig | None = None  # set: the pipeline generates the dataset first
+    msrvtt: MsrvttConfig | None = None  # set: read the MSRVTT annotation files instead
+
+    def manifest_path(self) -> Path:
+        return Path(self.manifest) if self.manifest else Path(self.root) / "manifest.jsonl"
+
+
+# ------------------------------------------------------------------------------------ extract
+TeacherKind = Literal["none", "open_clip", "xclip", "internvideo2", "vidkd"]
+
+
+class TeacherConfig(_Strict):
+    kind: TeacherKind = "none"
+    name: str | None = None  # open_clip model name
+    pretrained: str | None = None  # open_clip tag, or a local checkpoint file
+    path: str | None = None  # local model directory (xclip, internvideo2) or vidkd checkpoint
+    trust_remote_code: bool = False  # explicit opt-in for internvideo2's remote code
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _needs(self) -> "TeacherConfig":
+        if self.kind == "open_clip" and not self.name:
+            raise ValueError("open_clip teacher needs `name` (an open_clip model name)")
+        if self.kind in ("xclip", "internvideo2", "vidkd") and not self.path:
+            raise ValueError(f"{self.kind} teacher needs `path` (a local directory or checkpoint)")
+        if self.kind == "internvideo2" and not self.trust_remote_code:
+            raise ValueError("internvideo2 runs the checkpoint's own code: set trust_remote_code: true")
+        return self
+
+
+class ExtractConfig(_Strict):
+    teacher: TeacherConfig = TeacherConfig()
+    num_frames: int = Field(8, ge=1, le=128)
+    image_size: int = Field(64, ge=16, le=1024)  # the student's input resolution
+    cache_dir: str = "runs/features"
+    decode_cpus: float = Field(1.0, gt=0)  # CPUs per decode task
+    decode_batch_size: int = Field(8, ge=1)
+    encode_batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)  # teacher actors (one GPU each where GPUs exist)
+    use_gpu: Literal["auto"] | bool = "auto"
+
+
+# ------------------------------------------------------------------------------------ distill
+class StudentConfig(_Strict):
+    model: str = "vidkd-vit-tiny"  # an open_clip model name (configs in core/models/ included)
+    pretrained: str | None = None  # open_clip tag or local checkpoint for the CLIP towers
+    temporal_layers: int = Field(1, ge=0, le=12)
+    afa_hidden: int | None = Field(None, ge=1)  # default: the embedding width
+
+
+class LossConfig(_Strict):
+    """Loss weights and temperatures. TeachCLIP terms first, DLDKD terms after."""
+
+    objective: Literal["teachclip", "dldkd", "none"] = "teachclip"
+    temperature: float = Field(0.07, gt=0, le=1)  # InfoNCE temperature at start (learnable)
+    w_in: float = Field(1.0, ge=0)
+    w_cgt: float = Field(1.0, ge=0)
+    w_fgt: float = Field(1.0, ge=0)
+    tau_video: float = Field(0.05, gt=0, le=10)  # teacher video-level softmax temperature
+    tau_frame: float = Field(0.05, gt=0, le=10)  # teacher frame-level softmax temperature
+    # DLDKD
+    w_feat: float = Field(1.0, ge=0)
+    tau_kl: float = Field(4.0, gt=0)
+    tau_explore: float = Field(0.07, gt=0)
+    lambda_i0: float = Field(1.0, ge=0)
+    gamma_i: float = Field(0.5, ge=0)
+    lambda_e0: float = Field(0.5, ge=0)
+    gamma_e: float = Field(0.5, ge=0)
+
+
+class DistillConfig(_Strict):
+    student: StudentConfig = StudentConfig()
+    loss: LossConfig = LossConfig()
+    teacher_mode: Literal["cached", "online", "none"] = "cached"
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=2)  # global batch, split across workers
+    lr: float = Field(1e-4, gt=0, le=1)  # pretrained CLIP towers
+    lr_new: float = Field(1e-3, gt=0, le=1)  # temporal transformer, AFA, projections
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_frac: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: Literal["auto"] | bool = "auto"
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    eval_batch_size: int = Field(64, ge=1)
+    storage_dir: str = "runs/train"
+
+    @model_validator(mode="after")
+    def _mode(self) -> "DistillConfig":
+        if self.teacher_mode == "none" and self.loss.objective != "none":
+            raise ValueError("teacher_mode none trains without a teacher: set loss.objective: none")
+        return self
+
+
+# --------------------------------------------------------------------------------------- tune
+class SearchDim(_Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> "SearchDim":
+        if self.high <= self.low:
+            raise ValueError("high must be greater than low")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-uniform dimension needs low > 0")
+        return self
+
+
+def _default_space() -> dict[str, SearchDim]:
+    return {
+        "loss.tau_video": SearchDim(low=0.01, high=1.0, log=True),
+        "loss.tau_frame": SearchDim(low=0.01, high=1.0, log=True),
+        "loss.temperature": SearchDim(low=0.02, high=0.2, log=True),
+        "loss.w_cgt": SearchDim(low=0.1, high=10.0, log=True),
+        "loss.w_fgt": SearchDim(low=0.1, high=10.0, log=True),
+        "lr_new": SearchDim(low=1e-4, high=1e-2, log=True),
+    }
+
+
+class TuneConfig(_Strict):
+    enabled: bool = False  # the pipeline runs the search only when enabled
+    num_samples: int = Field(6, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)  # default: what the cluster fits
+    max_epochs: int = Field(3, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    seed: int = 0
+    storage_dir: str = "runs/tune"
+    space: dict[str, SearchDim] = Field(default_factory=_default_space)
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, space: dict[str, SearchDim]) -> dict[str, SearchDim]:
+        for key in space:
+            _resolve_field(DistillConfig, key)
+        return space
+
+
+def _resolve_field(model: type[BaseModel], dotted: str) -> None:
+    current: Any = model
+    for part in dotted.split("."):
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            raise ValueError(f"`{dotted}` is not a distill setting")
+        current = fields[part].annotation
+
+
+# ----------------------------------------------------------------------------------- quantize
+class QuantizeConfig(_Strict):
+    bits: Literal[3, 4, 8] = 4
+    group_size: int = Field(128, ge=-1)  # -1: one group per row
+    sym: bool = True
+    damp: float = Field(0.01, gt=0, lt=1)
+    act_order: bool = False
+    calib_samples: int = Field(200, ge=1)
+    compare_rtn: bool = True  # also evaluate round-to-nearest at the same bits
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int) -> int:
+        if value == 0 or (value > 0 and value & (value - 1)):
+            raise ValueError("group_size must be -1 or a power of two")
+        return value
+
+
+# ------------------------------------------------------------------------------ tracking, ray
+class TrackingConfig(_Strict):
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
+    experiment: str = "vidkd"
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: start or join a local instance
+    num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local instance
+
+
+class TeacherTrainingConfig(_Strict):
+    """The demo trains its own teacher: distill with no teacher, on a larger model."""
+
+    distill: DistillConfig
+
+
+class VidkdConfig(_Strict):
+    data: DataConfig = DataConfig()
+    extract: ExtractConfig = ExtractConfig()
+    distill: DistillConfig = DistillConfig()
+    tune: TuneConfig = TuneConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    teacher_training: TeacherTrainingConfig | None = None
+    output_dir: str = "runs"
+
+
+# ------------------------------------------------------------------------------------ loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`distill.lr=3e-4` -> (["distill", "lr"], 0.0003); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: `{part}` is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def format_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def config_from_dict(raw: dict[str, Any], model: type[BaseModel] = VidkdConfig) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> VidkdConfig:
+    """Read a YAML preset (or the defaults when `path` is None) and apply `--set` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return config_from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,207 @@
+"""The feature table: one row per video, the student's frames plus the teacher's embeddings.
+
+Columns (see docs/feature_table.md for the measurements behind the encoding):
+
+| column            | arrow type     | content                                         |
+|-------------------|----------------|-------------------------------------------------|
+| video_id          | string         | unique key                                      |
+| split             | string         | train / val / test                              |
+| frames            | binary         | raw uint8 [F, S, S, 3] at the student's size S  |
+| frame_mask        | binary         | uint8 [F]; 1 = real frame, 0 = padding          |
+| captions          | list<string>   | every caption of the video                      |
+| teacher_frame_emb | binary or null | float16 [F, D]                                  |
+| teacher_video_emb | binary or null | float16 [D]                                     |
+| teacher_text_emb  | binary or null | float16 [C, D], one row per caption             |
+
+Fixed-shape arrays are stored as raw little-endian bytes; their shapes (F, S, D) are in
+`_vidkd_table.json` beside the Parquet files, with the teacher identity and code version.
+Raw bytes decode with one `np.frombuffer` per batch, which is what the training loop wants.
+
+A table directory is complete only when `_COMMITTED` exists; it is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+META_FILE = "_vidkd_table.json"
+COMMIT_MARKER = "_COMMITTED"
+FAILURES_FILE = "_failures.json"
+
+TEACHER_COLUMNS = ("teacher_frame_emb", "teacher_video_emb", "teacher_text_emb")
+SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("split", pa.string()),
+        ("frames", pa.binary()),
+        ("frame_mask", pa.binary()),
+        ("captions", pa.list_(pa.string())),
+        ("teacher_frame_emb", pa.binary()),
+        ("teacher_video_emb", pa.binary()),
+        ("teacher_text_emb", pa.binary()),
+    ]
+)
+
+
+@dataclass
+class TableMeta:
+    """What a table was built from; written beside the Parquet files."""
+
+    num_frames: int
+    image_size: int
+    teacher: dict[str, Any]  # identity: kind, name, weights hash; {"kind": "none"} for frames only
+    embed_dim: int | None = None
+    cache_key: str = ""
+    schema_version: int = SCHEMA_VERSION
+    code_version: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher.get("kind", "none") != "none"
+
+
+# ------------------------------------------------------------------------------ cache key
+def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_path(path: str | Path) -> str:
+    """sha256 over a file, or over every file of a directory (names and contents, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return hash_file(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(item.relative_to(path)).encode())
+        digest.update(hash_file(item).encode())
+    return digest.hexdigest()
+
+
+def cache_key(
+    manifest_rows: Iterable[Mapping[str, Any]],
+    teacher_identity: Mapping[str, Any],
+    num_frames: int,
+    image_size: int,
+) -> str:
+    """Content address of a table: the manifest's rows (ids, files, captions, splits), the
+    teacher's identity including its weights hash, and the frame sampling."""
+    payload = {
+        "rows": [dict(row) for row in manifest_rows],
+        "teacher": dict(teacher_identity),
+        "num_frames": num_frames,
+        "image_size": image_size,
+        "schema_version": SCHEMA_VERSION,
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+# ------------------------------------------------------------------------- encode / decode
+def to_bytes(array: np.ndarray, dtype: str) -> bytes:
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def stack_bytes(column: Sequence[bytes], dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A column of equally shaped raw arrays -> one array [N, *shape]."""
+    flat = np.frombuffer(b"".join(column), dtype=dtype)
+    return flat.reshape(len(column), *shape)
+
+
+def text_emb_rows(column: Sequence[bytes], embed_dim: int) -> list[np.ndarray]:
+    """teacher_text_emb: one [C_i, D] float16 array per video (videos differ in C_i)."""
+    return [np.frombuffer(blob, dtype=np.float16).reshape(-1, embed_dim) for blob in column]
+
+
+# --------------------------------------------------------------------------- directories
+def is_committed(table_dir: str | Path) -> bool:
+    return (Path(table_dir) / COMMIT_MARKER).exists()
+
+
+def prepare_table_dir(table_dir: str | Path) -> bool:
+    """True when a complete table is already there. A directory without the commit marker is
+    a partial write (a crash, a killed job): it is removed so the caller rebuilds it."""
+    table_dir = Path(table_dir)
+    if is_committed(table_dir):
+        return True
+    if table_dir.exists():
+        shutil.rmtree(table_dir)
+    return False
+
+
+def commit_table(table_dir: str | Path, meta: TableMeta, failures: list[dict[str, str]]) -> None:
+    table_dir = Path(table_dir)
+    (table_dir / FAILURES_FILE).write_text(json.dumps(failures, indent=1))
+    (table_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=1, sort_keys=True))
+    (table_dir / COMMIT_MARKER).write_text(meta.cache_key + "\n")
+
+
+def read_meta(table_dir: str | Path) -> TableMeta:
+    table_dir = Path(table_dir)
+    if not is_committed(table_dir):
+        raise FileNotFoundError(f"no complete feature table at {table_dir} (no {COMMIT_MARKER})")
+    return TableMeta(**json.loads((table_dir / META_FILE).read_text()))
+
+
+def read_failures(table_dir: str | Path) -> list[dict[str, str]]:
+    return json.loads((Path(table_dir) / FAILURES_FILE).read_text())
+
+
+def read_table(table_dir: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The table (or one split of it) as a pyarrow Table, read directly without Ray."""
+    read_meta(table_dir)  # refuses partial tables
+    filters = [("split", "=", split)] if split else None
+    return pq.read_table(table_dir, columns=columns, filters=filters)
+
+
+# --------------------------------------------------------------------------- batches
+@dataclass
+class FeatureBatch:
+    """A decoded batch of table rows: what the training and evaluation loops consume."""
+
+    video_ids: list[str]
+    frames: np.ndarray  # uint8 [B, F, S, S, 3]
+    frame_mask: np.ndarray  # uint8 [B, F]
+    captions: list[list[str]]
+    teacher_frame_emb: np.ndarray | None = None  # float16 [B, F, D]
+    teacher_video_emb: np.ndarray | None = None  # float16 [B, D]
+    teacher_text_emb: list[np.ndarray] | None = None  # B arrays of float16 [C_i, D]
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+
+def decode_batch(columns: Mapping[str, Sequence[Any]], meta: TableMeta) -> FeatureBatch:
+    """Turn a batch of table rows (a dict of columns, as Ray Data or pyarrow give them) into
+    arrays. Teacher columns are decoded only when the table has a teacher."""
+    f, s = meta.num_frames, meta.image_size
+    batch = FeatureBatch(
+        video_ids=[str(v) for v in columns["video_id"]],
+        frames=stack_bytes(columns["frames"], "uint8", (f, s, s, 3)),
+        frame_mask=stack_bytes(columns["frame_mask"], "uint8", (f,)),
+        captions=[list(c) for c in columns["captions"]],
+    )
+    if meta.has_teacher and meta.embed_dim:
+        d = meta.embed_dim
+        batch.teacher_frame_emb = stack_bytes(columns["teacher_frame_emb"], "float16", (f, d))
+        batch.teacher_video_emb = stack_bytes(columns["teacher_video_emb"], "float16", (d,))
+        batch.teacher_text_emb = text_emb_rows(columns["teacher_text_emb"], d)
+    return batch
+
+
+def arrow_to_columns(table: pa.Table) -> dict[str, list[Any]]:
+    return {name: table.column(name).to_pylist() for name in table.column_names}

@@ -1,0 +1,33 @@
+"""Named model configs shipped with vidkd, registered with open_clip's factory.
+
+open_clip creates every model from a named JSON config; vidkd adds its own small ones
+(`vidkd-vit-micro` for tests, `vidkd-vit-tiny` for the demo student, `vidkd-vit-small` for the
+demo teacher) beside open_clip's (ViT-B-32, convnext_base, ...), so one factory serves both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "models"
+_registered = False
+
+
+def register_model_configs() -> None:
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def create_clip(name: str, pretrained: str | None = None, device: str = "cpu"):
+    """An open_clip model and its tokenizer, by name; `pretrained` is a tag or a local file."""
+    register_model_configs()
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r}")
+    if pretrained and not Path(pretrained).exists() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise ValueError(f"{name!r} has no pretrained tag or local file {pretrained!r}")
+    model = open_clip.create_model(name, pretrained=pretrained, device=device)
+    return model, open_clip.get_tokenizer(name)

@@ -1,0 +1,390 @@
+"""Stage 2 — distill: train the student from the feature table with Ray Train.
+
+    python -m jobs.distill --config configs/demo.yaml [--set distill.epochs=3]
+
+`train_loop` is the per-worker function (Ray's `train_func(config)` pattern): it reads its
+shard of the table, trains with AdamW + warmup-cosine, evaluates on val every epoch and reports
+metrics with a checkpoint. The same loop runs as a single-worker Tune trial (jobs/tune.py):
+only the `Session` it is handed differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from core.config import DistillConfig, TeacherConfig, VidkdConfig
+from core.evaluation import evaluate_retrieval
+from core.features import FeatureBatch, TableMeta, decode_batch, read_meta
+from core.losses import TeacherBatch, dldkd_loss, gather_with_grad, teachclip_loss
+from core.student import VideoTextStudent, build_student, load_student, save_student
+from core.teachers import build_teacher
+from jobs.runtime import init_ray, want_gpu
+from jobs.tracking import RunLogger
+
+log = logging.getLogger("vidkd.distill")
+CHECKPOINT_FILE = "student.pt"
+STATE_FILE = "train_state.pt"
+TARGET_METRIC = "val_t2v_R1"
+
+
+# ------------------------------------------------------------------------------ sessions
+class Session:
+    """What the loop needs from Ray: who it is, its data, the last checkpoint, and reporting."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def dataset(self, name: str) -> Any:
+        raise NotImplementedError
+
+    def checkpoint(self) -> Any:
+        raise NotImplementedError
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        raise NotImplementedError
+
+
+class TrainSession(Session):
+    """Inside a Ray Train worker."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def device(self) -> torch.device:
+        return ray.train.torch.get_device()
+
+    def dataset(self, name: str) -> Any:
+        return ray.train.get_dataset_shard(name)
+
+    def checkpoint(self) -> Any:
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TuneSession(Session):
+    """Inside a single-worker Tune function trainable: datasets come in by reference."""
+
+    def __init__(self, datasets: dict[str, Any]) -> None:
+        self.datasets = datasets
+
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def dataset(self, name: str) -> Any:
+        return self.datasets[name]
+
+    def checkpoint(self) -> Any:
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+
+# ------------------------------------------------------------------------------ batches
+def iter_feature_batches(
+    dataset: Any, meta: TableMeta, batch_size: int, shuffle_seed: int | None = None, drop_last: bool = False
+) -> Iterator[FeatureBatch]:
+    """Batches of decoded table rows from a Ray Dataset or a shard iterator."""
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "batch_format": "pyarrow", "drop_last": drop_last}
+    if shuffle_seed is not None:
+        kwargs.update(local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=shuffle_seed)
+    for table in dataset.iter_batches(**kwargs):
+        yield decode_batch(_columns(table), meta)
+
+
+def _columns(table: pa.Table) -> dict[str, list]:
+    return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+def pick_captions(batch: FeatureBatch, rng: random.Random) -> tuple[list[str], list[int]]:
+    """One caption per video per step, drawn at random: every caption gets seen over epochs."""
+    picks = [rng.randrange(len(caps)) for caps in batch.captions]
+    return [caps[i] for caps, i in zip(batch.captions, picks)], picks
+
+
+def cached_teacher(batch: FeatureBatch, picks: list[int], device: torch.device) -> TeacherBatch:
+    text = np.stack([emb[i] for emb, i in zip(batch.teacher_text_emb, picks)])
+    return TeacherBatch(
+        video_emb=torch.from_numpy(batch.teacher_video_emb.astype(np.float32)).to(device),
+        frame_emb=torch.from_numpy(batch.teacher_frame_emb.astype(np.float32)).to(device),
+        text_emb=torch.from_numpy(text.astype(np.float32)).to(device),
+        frame_mask=torch.from_numpy(batch.frame_mask).to(device),
+    )
+
+
+def online_teacher(teacher: Any, frames: torch.Tensor, mask: torch.Tensor, captions: list[str]) -> TeacherBatch:
+    with torch.no_grad():
+        video_emb, frame_emb = teacher.encode_video(frames, mask)
+        text_emb = teacher.encode_text(captions)
+    return TeacherBatch(video_emb=video_emb.float(), frame_emb=frame_emb.float(), text_emb=text_emb.float(),
+                        frame_mask=mask)
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------ the loop
+def train_loop(config: dict) -> None:
+    """One worker's training. `config` is plain data so Ray can ship it anywhere:
+    distill (DistillConfig dict), meta (TableMeta dict), teacher (TeacherConfig dict, for the
+    online mode), run_id/tracking_uri/experiment_id (the MLflow run, logged by rank 0),
+    init_checkpoint (optional student to start from), fail_once (test hook: [epoch, marker])."""
+    session: Session = config.get("_session") or TrainSession()
+    cfg = DistillConfig.model_validate(config["distill"])
+    meta = TableMeta(**config["meta"])
+    device = session.device()
+    torch.manual_seed(cfg.seed + session.rank)
+    logger = RunLogger(config["tracking_uri"], config["run_id"], config["experiment_id"]) if config.get("run_id") else None
+    is_chief = session.rank == 0
+
+    teacher_dim = meta.embed_dim if cfg.loss.objective == "dldkd" else None
+    student = build_student(cfg.student, meta.num_frames, cfg.loss.temperature, teacher_dim)
+    if config.get("init_checkpoint"):
+        student.load_state_dict(load_student(config["init_checkpoint"]).state_dict(), strict=False)
+    student.to(device)
+    optimizer = torch.optim.AdamW(student.param_groups(cfg.lr, cfg.lr_new, cfg.weight_decay))
+
+    per_worker_batch = max(2, cfg.batch_size // session.world_size)
+    steps_per_epoch = max(1, meta.counts.get("train", 0) // session.world_size // per_worker_batch)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_frac * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
+
+    start_epoch, history, best = 0, [], -1.0
+    checkpoint = session.checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+            student.load_state_dict(load_student(Path(directory) / CHECKPOINT_FILE).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        if is_chief:
+            log.warning("distill: resumed from the checkpoint of epoch %d", state["epoch"])
+
+    model: torch.nn.Module = student
+    if session.world_size > 1:
+        model = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    teacher = None
+    if cfg.teacher_mode == "online":
+        teacher = build_teacher(TeacherConfig.model_validate(config["teacher"]), device=str(device))
+
+    train_data, val_data = session.dataset("train"), session.dataset("val")
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        rng = random.Random(cfg.seed * 1000 + epoch * 10 + session.rank)
+        sums: dict[str, float] = {}
+        steps, epoch_start = 0, time.perf_counter()
+        for batch in iter_feature_batches(train_data, meta, per_worker_batch, shuffle_seed=cfg.seed + epoch, drop_last=True):
+            frames = torch.from_numpy(batch.frames).to(device)
+            mask = torch.from_numpy(batch.frame_mask).to(device)
+            captions, picks = pick_captions(batch, rng)
+            out = model(frames, mask, student.tokenize(captions).to(device))
+            loss, terms = distill_loss(cfg, student, out, batch, picks, teacher, frames, mask, captions, device,
+                                       progress=(epoch + steps / steps_per_epoch) / cfg.epochs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            for name, value in {"loss": loss.item(), "grad_norm": float(grad_norm), **terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            steps += 1
+        metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
+        metrics.update(epoch=epoch, lr=scheduler.get_last_lr()[0], epoch_time_s=time.perf_counter() - epoch_start,
+                       logit_scale=float(student.logit_scale))
+
+        checkpoint_dir = None
+        if is_chief:
+            student.eval()
+            val = evaluate_retrieval(iter_feature_batches(val_data, meta, cfg.eval_batch_size),
+                                     lambda f, m: student.encode_video(f, m).video_emb, student.encode_text, device)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            best = max(best, metrics[TARGET_METRIC])
+            metrics["best_" + TARGET_METRIC] = best
+            history.append(metrics)
+            checkpoint_dir = tempfile.mkdtemp(prefix="vidkd-ckpt-")
+            save_student(student, Path(checkpoint_dir) / CHECKPOINT_FILE, extra={"epoch": epoch, **_floats(val)})
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                        "history": history, "best": best}, Path(checkpoint_dir) / STATE_FILE)
+            if logger:
+                logger.log_metrics(metrics, step=epoch)
+            log.warning("distill epoch %d/%d: loss %.4f  val R@1 %.1f  (%.1fs)", epoch + 1, cfg.epochs,
+                        metrics["train_loss"], metrics[TARGET_METRIC], metrics["epoch_time_s"])
+        if session.world_size > 1:
+            metrics = _broadcast(metrics)
+        session.report(metrics, checkpoint_dir)
+        _maybe_fail(config.get("fail_once"), epoch)
+
+    if is_chief and logger:
+        from jobs.plots import training_curves
+
+        logger.log_figure(training_curves(history), "plots/training_curves.png")
+
+
+def distill_loss(cfg: DistillConfig, student: VideoTextStudent, out: Any, batch: FeatureBatch, picks: list[int],
+                 teacher: Any, frames: torch.Tensor, mask: torch.Tensor, captions: list[str],
+                 device: torch.device, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The configured objective over the global batch: embeddings are gathered across workers
+    with gradients, so every worker's negatives span the whole batch."""
+    video, text_emb, projected = out.video, out.text_emb, out.projected_video_emb
+    teacher_batch = None
+    if cfg.teacher_mode == "cached":
+        teacher_batch = cached_teacher(batch, picks, device)
+    elif cfg.teacher_mode == "online":
+        teacher_batch = online_teacher(teacher, frames, mask, captions)
+
+    video = type(video)(*(gather_with_grad(t) for t in video))
+    text_emb = gather_with_grad(text_emb)
+    if teacher_batch is not None:
+        teacher_batch = TeacherBatch(*(gather_with_grad(t) for t in
+                                       (teacher_batch.video_emb, teacher_batch.frame_emb, teacher_batch.text_emb,
+                                        teacher_batch.frame_mask)))
+    if cfg.loss.objective == "dldkd":
+        return dldkd_loss(video, text_emb, student.logit_scale, gather_with_grad(projected), teacher_batch,
+                          cfg.loss, progress)
+    return teachclip_loss(video, text_emb, student.logit_scale, teacher_batch, cfg.loss)
+
+
+def _floats(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _broadcast(metrics: dict) -> dict:
+    """Every worker reports the chief's metrics, so Tune and the checkpoint manager agree."""
+    box = [metrics]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _maybe_fail(fail_once: list | None, epoch: int) -> None:
+    """Test hook: crash every worker once, after the checkpoint of `epoch` was reported."""
+    if fail_once and epoch == fail_once[0]:
+        marker = Path(fail_once[1])
+        if not marker.exists():
+            time.sleep(0.5)
+            if ray.train.get_context().get_world_rank() == 0:
+                marker.write_text("failed once\n")
+            raise RuntimeError(f"injected worker failure after epoch {epoch}")
+
+
+# ------------------------------------------------------------------------------ the stage
+@dataclass
+class DistillResult:
+    checkpoint: Path  # the best student by val R@1
+    metrics: dict[str, float]
+    history: list[dict]
+    run_id: str | None
+
+
+def split_datasets(table: Any, meta: TableMeta) -> dict[str, Any]:
+    """{"train", "val", "test"} Ray Datasets from a materialized dataset or a table directory."""
+    if isinstance(table, (str, Path)):
+        table = ray.data.read_parquet(str(table), file_extensions=["parquet"])
+    return {split: table.filter(expr=f"split == '{split}'").materialize() for split in ("train", "val", "test")}
+
+
+def run_distill(
+    cfg: VidkdConfig,
+    table_dir: str | Path,
+    datasets: dict[str, Any] | None = None,
+    distill: DistillConfig | None = None,
+    logger: RunLogger | None = None,
+    name: str = "distill",
+    teacher: TeacherConfig | None = None,
+    fail_once: tuple[int, str] | None = None,
+) -> DistillResult:
+    """Train a student with a `TorchTrainer`; returns the best checkpoint by val R@1."""
+    init_ray(cfg.ray)
+    distill = distill or cfg.distill
+    meta = read_meta(table_dir)
+    if distill.teacher_mode == "cached" and not meta.has_teacher:
+        raise ValueError(f"{table_dir} holds no teacher embeddings: use distill.teacher_mode none or online")
+    datasets = datasets or split_datasets(table_dir, meta)
+    if logger:
+        logger.log_params({"distill": distill.model_dump(mode="json"), "feature_table": str(table_dir)})
+    use_gpu = want_gpu(distill.use_gpu)
+    loop_config = {
+        "distill": distill.model_dump(mode="json"),
+        "meta": meta.__dict__,
+        "teacher": (teacher or cfg.extract.teacher).model_dump(),
+        "run_id": logger.run_id if logger else None,
+        "tracking_uri": logger.uri if logger else None,
+        "experiment_id": logger.experiment_id if logger else None,
+        "fail_once": list(fail_once) if fail_once else None,
+    }
+    storage = Path(distill.storage_dir).resolve()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=distill.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": distill.cpus_per_worker}),
+        datasets={"train": datasets["train"], "val": datasets["val"]},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=f"{name}-{logger.run_id if logger else int(time.time())}",
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=TARGET_METRIC,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=distill.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(TARGET_METRIC, "max") or result.checkpoint
+    out_dir = Path(cfg.output_dir).resolve() / "models"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{name}-{logger.run_id if logger else meta.cache_key}.pt"
+    with best.as_directory() as directory:
+        target.write_bytes((Path(directory) / CHECKPOINT_FILE).read_bytes())
+    with result.checkpoint.as_directory() as directory:  # the latest holds the whole history
+        history = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)["history"]
+    best_metrics = max(history, key=lambda m: m[TARGET_METRIC])
+    if logger:
+        logger.log_artifact(target, "model")
+        logger.log_metrics({f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")})
+        logger.set_tags({"best_checkpoint": str(target), "best_epoch": best_metrics["epoch"]})
+    return DistillResult(target, best_metrics, history, logger.run_id if logger else None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jobs.cli import run_stage_main
+
+    run_stage_main("distill", argv)
+
+
+if __name__ == "__main__":
+    main()

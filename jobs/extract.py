@@ -1,0 +1,292 @@
+"""Stage 1 — extract: manifest rows -> decoded frames (CPU tasks) -> teacher embeddings (actor
+pool, one GPU per actor where GPUs exist) -> the feature table.
+
+    python -m jobs.extract --config configs/demo.yaml
+
+The table is written to Parquet under `<cache_dir>/<cache key>/` with a commit marker written
+last; a re-run with the same key reuses it. Videos that cannot be decoded and rows without
+captions become rows of the failures table; the job finishes with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from core import features
+from core.config import ExtractConfig, TeacherConfig, VidkdConfig
+from core.datasets import VideoRecord, read_manifest
+from core.features import SCHEMA, TableMeta, to_bytes
+from core.teachers import build_teacher
+from core.video import VideoDecodeError, decode_video
+from jobs.runtime import init_ray, want_gpu
+from jobs.tracking import RunLogger
+
+log = logging.getLogger("vidkd.extract")
+CODE_VERSION = "vidkd-extract/1"
+_DECODED = pa.schema(list(SCHEMA) + [pa.field("error", pa.string())])
+
+
+class ExtractError(RuntimeError):
+    """The stage cannot produce a table (for example: every input failed)."""
+
+
+@dataclass
+class ExtractResult:
+    table_dir: Path
+    meta: TableMeta
+    failures: list[dict[str, str]]
+    cache_hit: bool
+    dataset: Any = None  # the materialized ray Dataset of good rows (None on a cache hit)
+    seconds: float = 0.0
+
+    @property
+    def num_videos(self) -> int:
+        return sum(self.meta.counts.values())
+
+
+# ------------------------------------------------------------------------- the two UDFs
+def decode_rows(batch: pa.Table, num_frames: int, image_size: int) -> pa.Table:
+    """CPU task: decode each video of the batch; a failure becomes the row's `error`."""
+    torch.set_num_threads(1)
+    rows = []
+    for row in batch.to_pylist():
+        out = {
+            "video_id": row["video_id"],
+            "split": row["split"],
+            "captions": row["captions"],
+            "frames": None,
+            "frame_mask": None,
+            "teacher_frame_emb": None,
+            "teacher_video_emb": None,
+            "teacher_text_emb": None,
+            "error": None,
+        }
+        try:
+            frames, mask = decode_video(row["path"], num_frames, image_size, video_id=row["video_id"])
+            out["frames"], out["frame_mask"] = to_bytes(frames, "uint8"), to_bytes(mask, "uint8")
+        except VideoDecodeError as error:
+            out["error"] = f"{error.reason}: {error}"
+        rows.append(out)
+    return pa.Table.from_pylist(rows, schema=_DECODED)
+
+
+class TeacherEncoder:
+    """Actor: holds one teacher and fills the teacher columns of decoded rows."""
+
+    def __init__(self, teacher_cfg: dict, num_frames: int, image_size: int, use_gpu: bool):
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)  # a teacher without weights is initialised the same in every actor
+        self.teacher = build_teacher(TeacherConfig(**teacher_cfg), device=self.device)
+        self.num_frames, self.image_size = num_frames, image_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = pc.is_null(batch["error"]).to_numpy(zero_copy_only=False)
+        if not ok.any():
+            return batch
+        good = batch.filter(pa.array(ok))
+        f, s = self.num_frames, self.image_size
+        frames = torch.from_numpy(features.stack_bytes(good["frames"].to_pylist(), "uint8", (f, s, s, 3)).copy())
+        mask = torch.from_numpy(features.stack_bytes(good["frame_mask"].to_pylist(), "uint8", (f,)).copy())
+        video_emb, frame_emb = self.teacher.encode_video(frames.to(self.device), mask.to(self.device))
+        captions = good["captions"].to_pylist()
+        text_emb = self.teacher.encode_text([c for caps in captions for c in caps]).float().cpu().numpy()
+        bounds = np.cumsum([0] + [len(caps) for caps in captions])
+
+        columns = {name: batch[name].to_pylist() for name in features.TEACHER_COLUMNS}
+        video_np, frame_np = video_emb.float().cpu().numpy(), frame_emb.float().cpu().numpy()
+        for j, i in enumerate(np.flatnonzero(ok)):
+            columns["teacher_video_emb"][i] = to_bytes(video_np[j], "float16")
+            columns["teacher_frame_emb"][i] = to_bytes(frame_np[j], "float16")
+            columns["teacher_text_emb"][i] = to_bytes(text_emb[bounds[j] : bounds[j + 1]], "float16")
+        for name, values in columns.items():
+            batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.binary()))
+        return batch
+
+
+# --------------------------------------------------------------------------- the stage
+def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
+    """What the cache key knows of the teacher, computed without loading it: its kind and
+    name, and a hash of its weight files (a pretrained tag names fixed weights itself)."""
+    identity: dict[str, Any] = {"kind": cfg.kind}
+    if cfg.kind == "none":
+        return identity
+    identity.update(name=cfg.name, dtype=cfg.dtype)
+    weights = cfg.path or cfg.pretrained
+    if weights and Path(weights).exists():
+        identity["weights_sha256"] = features.hash_path(weights)
+    else:
+        identity["weights"] = weights or "random-init(seed=0)"
+    return identity
+
+
+def manifest_rows(records: list[VideoRecord]) -> list[dict[str, Any]]:
+    """The rows that define a table: ids, files (with size and mtime), captions, splits."""
+    rows = []
+    for r in records:
+        path = Path(r.path)
+        stat = path.stat() if path.exists() else None
+        rows.append(
+            {
+                "video_id": r.video_id,
+                "path": str(path),
+                "file": [stat.st_size, int(stat.st_mtime)] if stat else None,
+                "captions": list(r.captions),
+                "split": r.split,
+            }
+        )
+    return rows
+
+
+def run_extract(
+    cfg: VidkdConfig,
+    records: list[VideoRecord] | None = None,
+    teacher: TeacherConfig | None = None,
+    logger: RunLogger | None = None,
+) -> ExtractResult:
+    """Build (or reuse) the feature table for `records` (default: the config's manifest)."""
+    ecfg: ExtractConfig = cfg.extract
+    teacher = teacher or ecfg.teacher
+    if records is None:
+        records = read_manifest(cfg.data.manifest_path())
+    rows = manifest_rows(records)
+    identity = teacher_identity(teacher)
+    key = features.cache_key(rows, identity, ecfg.num_frames, ecfg.image_size)
+    table_dir = Path(ecfg.cache_dir).resolve() / key
+    if logger:
+        logger.log_params(
+            {
+                "teacher": identity,
+                "num_frames": ecfg.num_frames,
+                "image_size": ecfg.image_size,
+                "cache_key": key,
+                "num_actors": ecfg.num_actors,
+            }
+        )
+
+    if features.prepare_table_dir(table_dir):
+        meta, failures = features.read_meta(table_dir), features.read_failures(table_dir)
+        log.warning("extract: reusing the complete feature table %s (cache key %s)", table_dir, key)
+        result = ExtractResult(table_dir, meta, failures, cache_hit=True)
+    else:
+        result = _build_table(ecfg, teacher, identity, rows, key, table_dir)
+    if logger:
+        _log_result(logger, result)
+    return result
+
+
+def _build_table(
+    ecfg: ExtractConfig, teacher: TeacherConfig, identity: dict, rows: list[dict], key: str, table_dir: Path
+) -> ExtractResult:
+    start = time.perf_counter()
+    failures = [{"video_id": r["video_id"], "reason": "no_captions"} for r in rows if not r["captions"]]
+    inputs = [
+        {"video_id": r["video_id"], "path": r["path"], "captions": r["captions"], "split": r["split"]}
+        for r in rows
+        if r["captions"]
+    ]
+    if not inputs:
+        raise ExtractError("no video in the manifest has a caption")
+
+    init_ray()
+    use_gpu = want_gpu(ecfg.use_gpu)
+    num_blocks = max(1, -(-len(inputs) // ecfg.decode_batch_size))
+    ds = ray.data.from_items(inputs, override_num_blocks=num_blocks).map_batches(
+        decode_rows,
+        fn_kwargs={"num_frames": ecfg.num_frames, "image_size": ecfg.image_size},
+        batch_format="pyarrow",
+        batch_size=ecfg.decode_batch_size,
+        num_cpus=ecfg.decode_cpus,
+    )
+    embed_dim = None
+    if teacher.kind != "none":
+        ds = ds.map_batches(
+            TeacherEncoder,
+            fn_constructor_kwargs={
+                "teacher_cfg": teacher.model_dump(),
+                "num_frames": ecfg.num_frames,
+                "image_size": ecfg.image_size,
+                "use_gpu": use_gpu,
+            },
+            compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
+            batch_format="pyarrow",
+            batch_size=ecfg.encode_batch_size,
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=0 if use_gpu else 1,
+        )
+    decoded = ds.materialize()
+
+    status = decoded.select_columns(["video_id", "split", "error"]).to_arrow_refs()
+    status = pa.concat_tables(ray.get(status))
+    for video_id, error in zip(status["video_id"].to_pylist(), status["error"].to_pylist()):
+        if error is not None:
+            reason, _, detail = error.partition(": ")
+            failures.append({"video_id": video_id, "reason": reason, "detail": detail})
+    good_mask = pc.is_null(status["error"])
+    if not pc.any(good_mask).as_py():
+        raise ExtractError(f"every video failed to decode ({len(failures)} failures; first: {failures[0]})")
+    counts = {
+        split: int(pc.sum(pc.and_(good_mask, pc.equal(status["split"], split))).as_py() or 0)
+        for split in ("train", "val", "test")
+    }
+
+    good = decoded.map_batches(_drop_failed, batch_format="pyarrow", batch_size=None).materialize()
+    if teacher.kind != "none":
+        embed_dim = _embed_dim(good)
+    table_dir.mkdir(parents=True, exist_ok=True)
+    good.write_parquet(str(table_dir))
+    meta = TableMeta(
+        num_frames=ecfg.num_frames,
+        image_size=ecfg.image_size,
+        teacher=identity,
+        embed_dim=embed_dim,
+        cache_key=key,
+        code_version=CODE_VERSION,
+        counts=counts,
+    )
+    features.commit_table(table_dir, meta, failures)
+    seconds = time.perf_counter() - start
+    log.warning(
+        "extract: wrote %d videos (%d failures) to %s in %.1fs", sum(counts.values()), len(failures), table_dir, seconds
+    )
+    return ExtractResult(table_dir, meta, failures, cache_hit=False, dataset=good, seconds=seconds)
+
+
+def _drop_failed(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch["error"])).drop_columns(["error"])
+
+
+def _embed_dim(ds: Any) -> int:
+    row = ds.take(1)[0]
+    return len(row["teacher_video_emb"]) // 2  # float16
+
+
+def _log_result(logger: RunLogger, result: ExtractResult) -> None:
+    metrics = {"videos": result.num_videos, "failures": len(result.failures), "cache_hit": int(result.cache_hit)}
+    for split, count in result.meta.counts.items():
+        metrics[f"videos_{split}"] = count
+    if not result.cache_hit and result.seconds:
+        metrics.update(wall_time_s=result.seconds, videos_per_s=result.num_videos / result.seconds)
+    logger.log_metrics(metrics)
+    logger.set_tags({"feature_table": str(result.table_dir)})
+    logger.log_dict({"failures": result.failures}, "failures.json")
+    logger.log_dict(asdict(result.meta), "feature_table.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jobs.cli import run_stage_main
+
+    run_stage_main("extract", argv)
+
+
+if __name__ == "__main__":
+    main()

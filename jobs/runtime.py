@@ -1,0 +1,48 @@
+"""Starting or joining Ray, and the few facts about the cluster the stages size themselves by."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from core.config import RayConfig
+
+log = logging.getLogger("vidkd")
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Join the cluster in `cfg.address` (or $RAY_ADDRESS), else start a local instance.
+
+    A local instance binds its dashboard to 127.0.0.1. Inside a Ray job (`vidkd submit`) the
+    job's own cluster is joined."""
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def want_gpu(setting: bool | str) -> bool:
+    """`auto` means: use GPUs when the cluster has them."""
+    return cluster_gpus() > 0 if setting == "auto" else bool(setting)

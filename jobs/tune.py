@@ -1,0 +1,210 @@
+"""Stage 3 — tune: search distillation temperatures and loss weights with Ray Tune.
+
+    python -m jobs.tune --config configs/demo.yaml [--resume]
+
+Every trial is a distill run on the one feature table (no trial re-extracts): a plain function
+trainable running the training loop for single-worker trials, or a driver function launching a
+`TorchTrainer` (metrics flow back through `TuneReportCallback`) for multi-worker trials. ASHA
+stops weak trials on val R@1 per epoch; Optuna proposes the next ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from core.config import DistillConfig, VidkdConfig, dump_config
+from core.features import read_meta
+from jobs.distill import TARGET_METRIC, TuneSession, split_datasets, train_loop
+from jobs.plots import metric_vs_params
+from jobs.runtime import cluster_cpus, init_ray
+from jobs.tracking import RunLogger
+
+log = logging.getLogger("vidkd.tune")
+
+
+@dataclass
+class TuneResult:
+    best_config: VidkdConfig
+    best_params: dict[str, float]
+    best_metric: float
+    config_path: Path
+    trials: list[dict[str, Any]]
+    trial_epochs: int
+
+
+def apply_params(base: DistillConfig, params: dict[str, float]) -> DistillConfig:
+    """A distill config with dotted keys (`loss.tau_video`) set from a trial's sample."""
+    data = base.model_dump(mode="json")
+    for key, value in params.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return DistillConfig.model_validate(data)
+
+
+def search_space(cfg: VidkdConfig) -> dict[str, Any]:
+    return {
+        key: (tune.loguniform if dim.log else tune.uniform)(dim.low, dim.high)
+        for key, dim in cfg.tune.space.items()
+    }
+
+
+def experiment_name(cfg: VidkdConfig, table_key: str) -> str:
+    """Stable for the same table and search, so `--resume` finds the interrupted experiment."""
+    blob = json.dumps([table_key, cfg.tune.model_dump(mode="json"), cfg.distill.model_dump(mode="json")],
+                      sort_keys=True)
+    return "tune-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def tune_trial(params: dict, *, base: dict, meta: dict, parent: RunLogger | None, workers: int,
+               storage: str, datasets: dict) -> None:
+    """One trial: a distill run with the sampled settings, logged as a child of the search."""
+    distill = apply_params(DistillConfig.model_validate(base), params)
+    trial_id = tune.get_context().get_trial_id()
+    logger = parent.child_once(f"trial-{trial_id}", {"vidkd.stage": "tune-trial"}) if parent else None
+    if logger:
+        logger.log_params({"trial_id": trial_id, **params})
+    loop_config = {
+        "distill": distill.model_dump(mode="json"),
+        "meta": meta,
+        "run_id": logger.run_id if logger else None,
+        "tracking_uri": logger.uri if logger else None,
+        "experiment_id": logger.experiment_id if logger else None,
+    }
+    if workers == 1:
+        train_loop({**loop_config, "_session": TuneSession(datasets)})
+        return
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=distill.use_gpu is True,
+                                     resources_per_worker={"CPU": distill.cpus_per_worker}),
+        datasets={"train": datasets["train"], "val": datasets["val"]},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name=f"trial-{trial_id}", storage_path=storage, callbacks=[TuneReportCallback()],
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    ).fit()
+
+
+def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = None,
+             logger: RunLogger | None = None, resume: bool = False) -> TuneResult:
+    init_ray(cfg.ray)
+    tcfg = cfg.tune
+    meta = read_meta(table_dir)
+    datasets = datasets or split_datasets(table_dir, meta)
+    base = cfg.distill.model_copy(update={"epochs": tcfg.max_epochs, "num_workers": tcfg.workers_per_trial,
+                                          "cpus_per_worker": tcfg.cpus_per_worker})
+    if tcfg.gpus_per_worker > 0:
+        base = base.model_copy(update={"use_gpu": True})
+    trial_resources = {"cpu": tcfg.cpus_per_worker, "gpu": tcfg.gpus_per_worker}
+    if tcfg.workers_per_trial > 1:
+        trial_resources = {"cpu": 0}  # the trial only drives a TorchTrainer, whose workers hold the resources
+    cpus_per_trial = tcfg.cpus_per_worker * tcfg.workers_per_trial
+    max_concurrent = tcfg.max_concurrent or max(1, int(cluster_cpus() // cpus_per_trial))
+    storage = str(Path(tcfg.storage_dir).resolve())
+    name = experiment_name(cfg, meta.cache_key)
+    if logger:
+        logger.log_params({"tune": tcfg.model_dump(mode="json"), "max_concurrent": max_concurrent,
+                           "experiment": name})
+
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, base=base.model_dump(mode="json"), meta=meta.__dict__, parent=logger,
+                             workers=tcfg.workers_per_trial, storage=storage, datasets=datasets),
+        trial_resources,
+    )
+    path = Path(storage) / name
+    if resume and tune.Tuner.can_restore(str(path)):
+        log.warning("tune: resuming the search in %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, restart_errored=False)
+    else:
+        if resume:
+            log.warning("tune: nothing to resume in %s, starting a new search", path)
+        searcher = ConcurrencyLimiter(OptunaSearch(seed=tcfg.seed), max_concurrent=max_concurrent)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=TARGET_METRIC,
+                mode="max",
+                search_alg=searcher,
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tcfg.max_epochs,
+                                        grace_period=tcfg.grace_period, reduction_factor=tcfg.reduction_factor),
+                num_samples=tcfg.num_samples,
+                max_concurrent_trials=max_concurrent,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage),
+        )
+    grid = tuner.fit()
+
+    trials = []
+    for result in grid:
+        if result.metrics is None or TARGET_METRIC not in (result.metrics or {}):
+            continue
+        history = result.metrics_dataframe
+        best_in_trial = float(history[TARGET_METRIC].max()) if history is not None else result.metrics[TARGET_METRIC]
+        trials.append({**{k: result.config[k] for k in cfg.tune.space}, TARGET_METRIC: best_in_trial,
+                       "epochs": int(result.metrics.get("training_iteration", 0)),
+                       "trial_id": result.metrics.get("trial_id")})
+    if not trials:
+        raise RuntimeError("no Tune trial reported a metric; see the trial errors above")
+    best = max(trials, key=lambda t: t[TARGET_METRIC])
+    best_params = {k: best[k] for k in cfg.tune.space}
+    best_distill = apply_params(cfg.distill, best_params)
+    best_config = cfg.model_copy(update={"distill": best_distill})
+    out = Path(cfg.output_dir).resolve() / "tune" / f"{name}-best.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dump_config(best_config))
+    trial_epochs = sum(t["epochs"] for t in trials)
+    log.warning("tune: best val R@1 %.1f with %s (%d trial-epochs)", best[TARGET_METRIC], best_params, trial_epochs)
+
+    if logger:
+        _close_trial_runs(logger, trials)
+        logger.log_metrics({"best_" + TARGET_METRIC: best[TARGET_METRIC], "trials": len(trials),
+                            "trial_epochs": trial_epochs})
+        logger.set_tags({f"best.{k}": f"{v:.6g}" for k, v in best_params.items()})
+        logger.log_artifact(out, "best_config")
+        logger.log_dict({"trials": trials}, "trials.json")
+        log_params = {k for k, d in cfg.tune.space.items() if d.log}
+        logger.log_figure(metric_vs_params(trials, list(cfg.tune.space), TARGET_METRIC, log_params),
+                          "plots/val_R1_vs_hyperparameters.png")
+    return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs)
+
+
+def _close_trial_runs(parent: RunLogger, trials: list[dict]) -> None:
+    """Trials stopped early by ASHA never return; close their runs as KILLED, the rest FINISHED."""
+    for trial in trials:
+        run = parent.find_child(f"trial-{trial['trial_id']}")
+        if run:
+            run.end("FINISHED" if trial["epochs"] >= 1 else "KILLED")
+
+
+def load_best(path: str | Path) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jobs.cli import run_stage_main
+
+    run_stage_main("tune", argv)
+
+
+if __name__ == "__main__":
+    main()
