@@ -259,12 +259,24 @@ class VidkdConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------------ loading
+# Mappings whose own keys contain dots: `tune.space.loss.tau_video=...` names one key there.
+_DOTTED_KEY_MAPPINGS = (["tune", "space"],)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`distill.lr=3e-4` -> (["distill", "lr"], 0.0003); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected section.key=value")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    path = key.strip().split(".")
+    for prefix in _DOTTED_KEY_MAPPINGS:
+        if path[: len(prefix)] == prefix and len(path) > len(prefix) + 1:
+            path = prefix + [".".join(path[len(prefix):])]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
+    return path, value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -156,13 +156,16 @@ def run_stage_main(stage: str, argv: list[str] | None = None) -> None:
 
 
 def main() -> None:
-    try:
-        from cluster.cli import register
-
-        register(app)
-    except ImportError:
-        pass
     app()
+
+
+def _register_cluster_commands() -> None:
+    from cluster.cli import register
+
+    register(app)
+
+
+_register_cluster_commands()
 
 
 if __name__ == "__main__":

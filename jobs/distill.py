@@ -201,6 +201,7 @@ def train_loop(config: dict) -> None:
 
     teacher = None
     if cfg.teacher_mode == "online":
+        torch.manual_seed(0)  # as in extraction: a teacher without weights initialises the same everywhere
         teacher = build_teacher(TeacherConfig.model_validate(config["teacher"]), device=str(device))
 
     train_data, val_data = session.dataset("train"), session.dataset("val")

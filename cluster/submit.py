@@ -1,0 +1,118 @@
+"""Submitting stages to a Ray cluster as Ray jobs, and following them.
+
+The project directory travels as the job's `working_dir`, so the cluster runs exactly the code
+(and the config) the user has. The MLflow tracking URI goes along as an environment variable so
+cluster jobs log to the user's MLflow server, not to a SQLite file on the head node.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Iterator
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+STAGE_COMMANDS = {"extract", "distill", "tune", "quantize", "pipeline"}
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXCLUDES = [".venv", ".git", "runs", "data", "**/__pycache__", ".pytest_cache", "*.egg-info", ".whl", ".gl"]
+
+
+def entrypoint(stage: str, config: str | None, overrides: list[str], extra: list[str]) -> str:
+    if stage not in STAGE_COMMANDS:
+        raise ValueError(f"unknown stage {stage!r}: expected one of {', '.join(sorted(STAGE_COMMANDS))}")
+    parts = ["python", "-m", "jobs.cli", stage]
+    if config:
+        parts += ["--config", config]
+    for item in overrides:
+        parts += ["--set", item]
+    return shlex.join(parts + list(extra))
+
+
+def submit(address: str, stage: str, config: str | None = None, overrides: list[str] | None = None,
+           extra: list[str] | None = None, tracking_uri: str | None = None, working_dir: Path = PROJECT_ROOT,
+           pip: list[str] | None = None) -> str:
+    """Submit `vidkd <stage>` as a Ray job; returns the submission id.
+
+    A config path inside the project travels with the working dir; one outside it is copied in
+    as the job's own `_submitted_config.yaml`."""
+    config_arg = None
+    files_to_clean = []
+    if config:
+        path = Path(config).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"config not found: {config}")
+        try:
+            config_arg = str(path.relative_to(working_dir))
+        except ValueError:
+            shipped = working_dir / "_submitted_config.yaml"
+            shipped.write_text(path.read_text())
+            files_to_clean.append(shipped)
+            config_arg = shipped.name
+    env = {"PYTHONUNBUFFERED": "1"}
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    runtime_env: dict = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env}
+    if pip:
+        runtime_env["pip"] = pip
+    try:
+        return JobSubmissionClient(address).submit_job(
+            entrypoint=entrypoint(stage, config_arg, overrides or [], extra or []),
+            runtime_env=runtime_env,
+            metadata={"vidkd.stage": stage},
+        )
+    finally:
+        for path in files_to_clean:
+            path.unlink(missing_ok=True)
+
+
+def list_jobs(address: str) -> list[dict]:
+    jobs = JobSubmissionClient(address).list_jobs()
+    return [
+        {"id": job.submission_id, "status": str(job.status.value if hasattr(job.status, "value") else job.status),
+         "entrypoint": job.entrypoint, "start_time": job.start_time}
+        for job in sorted(jobs, key=lambda j: j.start_time or 0)
+    ]
+
+
+def status(address: str, job_id: str) -> str:
+    return str(JobSubmissionClient(address).get_job_status(job_id).value)
+
+
+def logs(address: str, job_id: str) -> str:
+    return JobSubmissionClient(address).get_job_logs(job_id)
+
+
+def follow_logs(address: str, job_id: str, poll_s: float = 1.0) -> Iterator[str]:
+    """The job's log as it grows, until the job ends (a polling tail, no websocket needed)."""
+    client = JobSubmissionClient(address)
+    seen = 0
+    while True:
+        text = client.get_job_logs(job_id)
+        if len(text) > seen:
+            yield text[seen:]
+            seen = len(text)
+        if client.get_job_status(job_id) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            text = client.get_job_logs(job_id)
+            if len(text) > seen:
+                yield text[seen:]
+            return
+        time.sleep(poll_s)
+
+
+def wait(address: str, job_id: str, timeout_s: float = 1800, poll_s: float = 2.0) -> str:
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = client.get_job_status(job_id)
+        if state in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            return str(state.value)
+        time.sleep(poll_s)
+    raise TimeoutError(f"job {job_id} still running after {timeout_s:.0f}s")
+
+
+def stop(address: str, job_id: str) -> bool:
+    return JobSubmissionClient(address).stop_job(job_id)

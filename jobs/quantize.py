@@ -1,0 +1,157 @@
+"""Stage 4 — quantize: GPTQ INT4 of the student's vision encoder, evaluated against full precision.
+
+    python -m jobs.quantize --checkpoint runs/models/distill-<run>.pt --config configs/demo.yaml
+
+Calibration frames come from the feature table's train split; the full-precision, GPTQ and
+round-to-nearest students are evaluated on its test split, side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from core.config import StudentConfig, VidkdConfig
+from core.evaluation import evaluate_retrieval
+from core.features import FeatureBatch, TableMeta, arrow_to_columns, decode_batch, read_meta, read_table
+from core.quant import load_quantized, quantize_visual, save_quantized, size_report
+from core.student import VideoTextStudent, build_student, load_student
+from core.video import normalize_frames
+from jobs.tracking import RunLogger
+
+log = logging.getLogger("vidkd.quantize")
+
+
+@dataclass
+class QuantizeResult:
+    output_dir: Path
+    report: dict[str, Any]
+    report_text: str
+
+
+def table_batches(table_dir: str | Path, meta: TableMeta, split: str, batch_size: int = 64) -> list[FeatureBatch]:
+    table = read_table(table_dir, split=split)
+    return [decode_batch(arrow_to_columns(table.slice(i, batch_size)), meta) for i in range(0, table.num_rows, batch_size)]
+
+
+def calibration_images(batches: Iterable[FeatureBatch], student: VideoTextStudent, count: int, seed: int = 0) -> torch.Tensor:
+    """`count` real (unpadded) frames drawn evenly from the train videos, normalised as the
+    visual takes them: [N, 3, H, W]."""
+    frames = np.concatenate([b.frames[b.frame_mask.astype(bool)] for b in batches])
+    pick = np.random.default_rng(seed).permutation(len(frames))[:count]
+    images = torch.from_numpy(frames[np.sort(pick)])
+    if images.shape[1] != student.image_size:
+        images = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2).float(), size=student.image_size,
+                                                 mode="bilinear", antialias=True).clamp(0, 255).to(torch.uint8)
+        images = images.permute(0, 2, 3, 1)
+    return normalize_frames(images, student.mean, student.std)
+
+
+def student_meta(student: VideoTextStudent) -> dict[str, Any]:
+    return {"student": student.config.model_dump(mode="json"), "num_frames": student.num_frames,
+            "teacher_dim": student.teacher_dim}
+
+
+def build_student_skeleton(meta: dict[str, Any]) -> VideoTextStudent:
+    cfg = StudentConfig.model_validate({**meta["student"], "pretrained": None})
+    return build_student(cfg, meta["num_frames"], teacher_dim=meta["teacher_dim"])
+
+
+def load_quantized_student(out_dir: str | Path, device: str = "cpu") -> VideoTextStudent:
+    return load_quantized(out_dir, build_student_skeleton, device=device)
+
+
+def evaluate_student(model: VideoTextStudent, batches: list[FeatureBatch], device: str) -> dict[str, float]:
+    model.eval()
+    metrics = evaluate_retrieval(batches, lambda f, m: model.encode_video(f, m).video_emb, model.encode_text, device)
+    metrics["R_mean"] = (metrics["t2v_R1"] + metrics["t2v_R5"] + metrics["t2v_R10"]) / 3
+    return metrics
+
+
+def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path,
+                 logger: RunLogger | None = None) -> QuantizeResult:
+    qcfg = cfg.quantize
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = read_meta(table_dir)
+    student = load_student(checkpoint).eval()
+    calib = calibration_images(table_batches(table_dir, meta, "train"), student, qcfg.calib_samples)
+    test = table_batches(table_dir, meta, "test")
+    if logger:
+        logger.log_params({"quantize": qcfg.model_dump(mode="json"), "checkpoint": str(checkpoint),
+                           "calib_images": len(calib)})
+
+    results: dict[str, dict[str, float]] = {"fp32": evaluate_student(student.to(device), test, device)}
+    sizes = {"fp32": size_report(student)}
+    methods = ["gptq"] + (["rtn"] if qcfg.compare_rtn else [])
+    out_dir = Path(cfg.output_dir).resolve() / "models" / f"{Path(checkpoint).stem}-int{qcfg.bits}"
+    layer_reports = {}
+    for method in methods:
+        model = copy.deepcopy(student).to(device)
+        quant = quantize_visual(model.clip.visual, calib, qcfg, method=method)
+        layer_reports[method] = quant.to_dict()
+        if method == "gptq":
+            save_quantized(model, out_dir, qcfg, student_meta(student), method=method)
+            model = load_quantized_student(out_dir, device)  # evaluate what was written, not what is in memory
+            sizes[method] = size_report(model, out_dir)
+        else:
+            sizes[method] = size_report(model)
+        results[method] = evaluate_student(model, test, device)
+
+    report = {"metrics": results, "sizes": sizes, "bits": qcfg.bits, "group_size": qcfg.group_size,
+              "calib_images": len(calib), "checkpoint_bytes": Path(checkpoint).stat().st_size,
+              "gptq_seconds": layer_reports["gptq"]["seconds"]}
+    text = format_report(report)
+    log.warning("quantize:\n%s", text)
+    if logger:
+        for method, metrics in results.items():
+            logger.log_metrics({f"{method}_{k}": v for k, v in metrics.items()})
+        for method, size in sizes.items():
+            logger.log_metrics({f"{method}_{k}": v for k, v in size.items() if isinstance(v, (int, float))})
+        logger.log_metrics({"r1_drop_gptq": results["fp32"]["t2v_R1"] - results["gptq"]["t2v_R1"]})
+        logger.log_text(text, "quantization_report.txt")
+        logger.log_dict({"report": report, "layers": layer_reports}, "quantization_report.json")
+        logger.log_artifact(out_dir, "quantized_model")
+    return QuantizeResult(out_dir, report, text)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Sizes per component and retrieval side by side, like the seed reports' Tables VII-VIII."""
+    sizes, metrics = report["sizes"], report["metrics"]
+    fp, q = sizes["fp32"], sizes["gptq"]
+    mb = 1 / 2**20
+    lines = [
+        f"INT{report['bits']} g{report['group_size']}, {report['calib_images']} calibration frames",
+        "",
+        "component        params      fp32 MB   int MB",
+    ]
+    for part in ("vision", "text", "rest"):
+        lines.append(f"{part:<14} {fp[f'{part}_params']:>10,.0f} {fp[f'{part}_bytes'] * mb:>10.2f} "
+                     f"{q[f'{part}_bytes'] * mb:>8.2f}")
+    lines += [
+        f"bits per weight (quantized blocks): {q['quantized_bits_per_weight']:.3f}",
+        f"vision encoder compression vs fp16: {q['vision_compression']:.2f}x",
+        f"files: fp32 checkpoint {report['checkpoint_bytes'] * mb:.2f} MB, int checkpoint {q.get('file_bytes', 0) * mb:.2f} MB",
+        "",
+        "model      t2v R@1  R@5   R@10  mean   v2t R@1",
+    ]
+    for name, m in metrics.items():
+        lines.append(f"{name:<10} {m['t2v_R1']:>6.1f} {m['t2v_R5']:>5.1f} {m['t2v_R10']:>6.1f} {m['R_mean']:>5.1f} "
+                     f"{m['v2t_R1']:>8.1f}")
+    lines.append(f"R@1 drop with GPTQ: {metrics['fp32']['t2v_R1'] - metrics['gptq']['t2v_R1']:+.1f} points")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jobs.cli import run_stage_main
+
+    run_stage_main("quantize", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Shared fixtures: one local Ray instance per session, a tiny synthetic dataset, MLflow SQLite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session. Four logical CPUs on a 2-core machine:
+    Ray Data's tasks and the training workers must be able to run side by side."""
+    import ray
+
+    from core.config import RayConfig
+    from jobs.runtime import init_ray
+
+    if not ray.is_initialized():
+        init_ray(RayConfig(num_cpus=4))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory) -> Path:
+    """40 short synthetic driving clips at 64x48 (some shorter than 8 frames). Returns the manifest."""
+    from core.config import SynthConfig
+    from core.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    cfg = SynthConfig(videos=40, seed=3, fps=6, width=64, height=48, min_seconds=1.0, max_seconds=2.5,
+                      val_fraction=0.2, test_fraction=0.2)
+    return generate_dataset(root, cfg, progress=False)
+
+
+@pytest.fixture()
+def tracking_dir(tmp_path, monkeypatch) -> Path:
+    """A fresh MLflow SQLite store for one test (the default location, under tmp_path)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "runs"
+
+
+def tiny_config(tmp: Path, manifest: Path, **sections):
+    """A VidkdConfig sized for tests: micro models, 4 frames at 32 px, 2 epochs."""
+    from core.config import config_from_dict
+
+    raw = {
+        "data": {"manifest": str(manifest), "root": str(manifest.parent)},
+        "extract": {"num_frames": 4, "image_size": 32, "cache_dir": str(tmp / "features"), "decode_batch_size": 8,
+                    "encode_batch_size": 8},
+        "distill": {"student": {"model": "vidkd-vit-micro"}, "epochs": 2, "batch_size": 8, "num_workers": 2,
+                    "lr": 5e-4, "lr_new": 1e-3, "storage_dir": str(tmp / "train"), "eval_batch_size": 16},
+        "tune": {"storage_dir": str(tmp / "tune")},
+        "quantize": {"calib_samples": 16},
+        "output_dir": str(tmp / "runs"),
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw)

@@ -1,0 +1,49 @@
+import pytest
+
+from core.config import ConfigError, VidkdConfig, load_config
+
+
+def test_demo_preset_loads():
+    cfg = load_config("configs/demo.yaml")
+    assert isinstance(cfg, VidkdConfig)
+    assert cfg.data.synth is not None and cfg.teacher_training is not None
+
+
+def test_overrides_are_typed():
+    cfg = load_config("configs/demo.yaml", ["distill.lr=3e-4", "distill.epochs=2", "tune.enabled=true"])
+    assert cfg.distill.lr == pytest.approx(3e-4) and cfg.distill.epochs == 2 and cfg.tune.enabled is True
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("distill.lrr=1", "distill.lrr: unknown key"),
+        ("distill.lr=-1", "distill.lr: Input should be greater than 0"),
+        ("extract.num_frames=zero", "extract.num_frames: Input should be a valid integer"),
+        ("quantize.bits=5", "quantize.bits: Input should be 3, 4 or 8"),
+        ("quantize.group_size=100", "quantize.group_size: group_size must be -1 or a power of two"),
+        ("tune.space.loss.nope={low: 1, high: 2}", "`loss.nope` is not a distill setting"),
+        ("extract.teacher={kind: internvideo2, path: models/iv2}", "extract.teacher: internvideo2 runs the checkpoint's own code"),
+    ],
+)
+def test_bad_values_are_one_line_naming_the_field(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/demo.yaml", [override])
+    text = str(error.value)
+    assert message in text and "\n" not in text
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["distill.lr"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_teacher_mode_none_needs_objective_none():
+    with pytest.raises(ConfigError, match="teacher_mode none"):
+        load_config(None, ["distill.teacher_mode=none"])

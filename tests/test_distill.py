@@ -1,0 +1,79 @@
+"""Stage 2 with a real TorchTrainer: 2 workers on CPU (DDP on gloo), a forced failure, MLflow."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.config import TeacherConfig
+from core.student import load_student
+from jobs.distill import run_distill
+from jobs.extract import run_extract
+from jobs.tracking import RunLogger
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def teacher_table(ray_local, synth_dataset, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    teacher = TeacherConfig(kind="open_clip", name="vidkd-vit-micro")
+    cfg = tiny_config(tmp, synth_dataset, extract={"teacher": teacher.model_dump()})
+    return cfg, run_extract(cfg)
+
+
+def test_two_workers_train_resume_after_failure_and_log_one_run(teacher_table, tmp_path, tracking_dir):
+    cfg, table = teacher_table
+    distill = cfg.distill.model_copy(update={"epochs": 3, "storage_dir": str(tmp_path / "train")})
+    run = RunLogger.create("distill-test", cfg.tracking, output_dir=str(tracking_dir))
+    marker = tmp_path / "failed-once"
+    result = run_distill(cfg, table.table_dir, distill=distill, logger=run, fail_once=(0, str(marker)))
+
+    assert marker.exists(), "the injected failure did not happen"
+    epochs = [h["epoch"] for h in result.history]
+    assert epochs == [0, 1, 2], f"resume must continue after the checkpointed epoch, got {epochs}"
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    for term in ("train_infonce", "train_cgt", "train_fgt"):
+        assert term in result.history[0]
+
+    student = load_student(result.checkpoint)
+    assert student.num_frames == table.meta.num_frames
+
+    client = run.client
+    runs = client.search_runs([run.experiment_id])
+    assert [r.info.run_id for r in runs] == [run.run_id], "a restart must not open a second MLflow run"
+    val_r1 = client.get_metric_history(run.run_id, "val_t2v_R1")
+    assert sorted({m.step for m in val_r1}) == [0, 1, 2]
+    artifacts = [a.path for a in client.list_artifacts(run.run_id)]
+    assert "model" in artifacts and "plots" in artifacts
+    assert [a.path for a in client.list_artifacts(run.run_id, "plots")] == ["plots/training_curves.png"]
+
+
+def test_no_teacher_and_dldkd_modes(teacher_table, tmp_path):
+    cfg, table = teacher_table
+    plain = cfg.distill.model_copy(update={
+        "epochs": 1, "num_workers": 1, "teacher_mode": "none", "storage_dir": str(tmp_path / "a"),
+        "loss": cfg.distill.loss.model_copy(update={"objective": "none"})})
+    result = run_distill(cfg, table.table_dir, distill=plain, name="plain")
+    assert set(k for k in result.history[0] if k.startswith("train_")) >= {"train_loss", "train_infonce"}
+    assert "train_cgt" not in result.history[0]
+
+    dldkd = cfg.distill.model_copy(update={
+        "epochs": 1, "num_workers": 1, "storage_dir": str(tmp_path / "b"),
+        "loss": cfg.distill.loss.model_copy(update={"objective": "dldkd"})})
+    result = run_distill(cfg, table.table_dir, distill=dldkd, name="dldkd")
+    assert {"train_feat", "train_kl", "train_explore"} <= set(result.history[0])
+
+
+def test_online_teacher_matches_cached_mode_inputs(teacher_table, tmp_path):
+    cfg, table = teacher_table
+    online = cfg.distill.model_copy(update={"epochs": 1, "num_workers": 1, "teacher_mode": "online",
+                                            "storage_dir": str(tmp_path / "c")})
+    result = run_distill(cfg, table.table_dir, distill=online, name="online", teacher=cfg.extract.teacher)
+    assert result.history[0]["train_cgt"] >= 0
+
+
+def test_frames_only_table_refuses_cached_mode(ray_local, synth_dataset, tmp_path):
+    cfg = tiny_config(tmp_path, synth_dataset)
+    table = run_extract(cfg)
+    with pytest.raises(ValueError, match="holds no teacher embeddings"):
+        run_distill(cfg, table.table_dir)

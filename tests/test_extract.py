@@ -1,0 +1,113 @@
+"""Stage 1 through real Ray Data on real mp4 files, good and bad."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from core import features
+from core.config import TeacherConfig
+from core.datasets import VideoRecord, read_manifest, write_manifest
+from core.teachers import build_teacher
+from core.video import decode_video
+from jobs.extract import ExtractError, run_extract
+from jobs.tracking import RunLogger
+from tests.conftest import tiny_config
+
+
+def write_clip(path: Path, frames: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            image = np.full((48, 64, 3), rng.integers(0, 255, 3), np.uint8)
+            image[:, (i * 7) % 64 :][:, :8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def mixed_manifest(tmp_path_factory) -> Path:
+    """8 good clips (one of them only 2 frames long) and 4 bad inputs."""
+    root = tmp_path_factory.mktemp("mixed")
+    records = []
+    for i in range(8):
+        write_clip(root / f"good{i}.mp4", 2 if i == 0 else 12, seed=i)
+        split = ["train", "train", "train", "train", "val", "val", "test", "test"][i]
+        records.append(VideoRecord(f"good{i}", str(root / f"good{i}.mp4"), [f"clip number {i}", f"video {i}"], split))
+    (root / "text.mp4").write_text("this is not a video\n")
+    (root / "empty.mp4").write_bytes(b"")
+    records += [
+        VideoRecord("missing", str(root / "missing.mp4"), ["gone"], "train"),
+        VideoRecord("text", str(root / "text.mp4"), ["text file"], "train"),
+        VideoRecord("empty", str(root / "empty.mp4"), ["zero bytes"], "train"),
+        VideoRecord("nocaption", str(root / "good1.mp4"), [], "train"),
+    ]
+    write_manifest(records, root / "manifest.jsonl")
+    return root / "manifest.jsonl"
+
+
+def test_table_holds_good_videos_failures_the_bad_ones(ray_local, mixed_manifest, tmp_path, tracking_dir):
+    teacher = TeacherConfig(kind="open_clip", name="vidkd-vit-micro")
+    cfg = tiny_config(tmp_path, mixed_manifest, extract={"teacher": teacher.model_dump()})
+    run = RunLogger.create("extract-test", cfg.tracking, output_dir=str(tracking_dir))
+    result = run_extract(cfg, logger=run)
+
+    assert not result.cache_hit
+    table = features.read_table(result.table_dir)
+    assert sorted(table["video_id"].to_pylist()) == [f"good{i}" for i in range(8)]
+    reasons = {f["video_id"]: f["reason"] for f in result.failures}
+    assert reasons == {"missing": "missing", "text": "corrupt", "empty": "empty", "nocaption": "no_captions"}
+    assert result.meta.counts == {"train": 4, "val": 2, "test": 2}
+
+    # The 2-frame clip is good input with a mask.
+    batch = features.decode_batch(features.arrow_to_columns(table), result.meta)
+    short = batch.video_ids.index("good0")
+    assert batch.frame_mask[short].tolist() == [1, 1, 0, 0]
+
+    # Embeddings equal what the adapter computes directly, to fp16 tolerance.
+    torch.manual_seed(0)
+    adapter = build_teacher(teacher)
+    frames, mask = zip(*(decode_video(read_path(mixed_manifest, v), 4, 32) for v in batch.video_ids))
+    video_emb, frame_emb = adapter.encode_video(torch.from_numpy(np.stack(frames)), torch.from_numpy(np.stack(mask)))
+    np.testing.assert_allclose(batch.teacher_video_emb.astype(np.float32), video_emb.numpy(), atol=2e-3)
+    np.testing.assert_allclose(batch.teacher_frame_emb.astype(np.float32), frame_emb.numpy(), atol=2e-3)
+    text = adapter.encode_text(batch.captions[short]).numpy()
+    np.testing.assert_allclose(batch.teacher_text_emb[short].astype(np.float32), text, atol=2e-3)
+
+    # MLflow holds params, counts and the failures table.
+    data = run.client.get_run(run.run_id).data
+    assert data.params["cache_key"] == result.meta.cache_key
+    assert data.metrics["videos"] == 8 and data.metrics["failures"] == 4
+    assert "failures.json" in [a.path for a in run.client.list_artifacts(run.run_id)]
+
+    # Same inputs: a cache hit. A directory without the commit marker: rebuilt.
+    again = run_extract(cfg)
+    assert again.cache_hit and again.table_dir == result.table_dir
+    (result.table_dir / features.COMMIT_MARKER).unlink()
+    rebuilt = run_extract(cfg)
+    assert not rebuilt.cache_hit and features.is_committed(rebuilt.table_dir)
+    assert features.read_table(rebuilt.table_dir).num_rows == 8
+
+
+def test_frames_only_table_and_all_failing_input(ray_local, mixed_manifest, tmp_path):
+    cfg = tiny_config(tmp_path, mixed_manifest)
+    result = run_extract(cfg)
+    assert not result.meta.has_teacher
+    assert features.read_table(result.table_dir, split="val").num_rows == 2
+
+    bad = [r for r in read_manifest(mixed_manifest) if not r.video_id.startswith("good")]
+    with pytest.raises(ExtractError, match="every video failed"):
+        run_extract(cfg, records=bad)
+
+
+def read_path(manifest: Path, video_id: str) -> str:
+    return next(r.path for r in read_manifest(manifest) if r.video_id == video_id)
