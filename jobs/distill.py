@@ -149,6 +149,18 @@ def online_teacher(teacher: Any, frames: torch.Tensor, mask: torch.Tensor, capti
                         frame_mask=mask)
 
 
+class TrainStep(torch.nn.Module):
+    """The student's training forward, logit scale included, as one module call: DDP must see
+    every parameter that the loss touches inside `forward`, or its gradient hooks misfire."""
+
+    def __init__(self, student: VideoTextStudent):
+        super().__init__()
+        self.student = student
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        return self.student(frames, mask, tokens), self.student.logit_scale
+
+
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -195,9 +207,9 @@ def train_loop(config: dict) -> None:
         if is_chief:
             log.warning("distill: resumed from the checkpoint of epoch %d", state["epoch"])
 
-    model: torch.nn.Module = student
+    model: torch.nn.Module = TrainStep(student)
     if session.world_size > 1:
-        model = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": True})
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
 
     teacher = None
     if cfg.teacher_mode == "online":
@@ -214,8 +226,8 @@ def train_loop(config: dict) -> None:
             frames = torch.from_numpy(batch.frames).to(device)
             mask = torch.from_numpy(batch.frame_mask).to(device)
             captions, picks = pick_captions(batch, rng)
-            out = model(frames, mask, student.tokenize(captions).to(device))
-            loss, terms = distill_loss(cfg, student, out, batch, picks, teacher, frames, mask, captions, device,
+            out, logit_scale = model(frames, mask, student.tokenize(captions).to(device))
+            loss, terms = distill_loss(cfg, logit_scale, out, batch, picks, teacher, frames, mask, captions, device,
                                        progress=(epoch + steps / steps_per_epoch) / cfg.epochs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -257,7 +269,7 @@ def train_loop(config: dict) -> None:
         logger.log_figure(training_curves(history), "plots/training_curves.png")
 
 
-def distill_loss(cfg: DistillConfig, student: VideoTextStudent, out: Any, batch: FeatureBatch, picks: list[int],
+def distill_loss(cfg: DistillConfig, logit_scale: torch.Tensor, out: Any, batch: FeatureBatch, picks: list[int],
                  teacher: Any, frames: torch.Tensor, mask: torch.Tensor, captions: list[str],
                  device: torch.device, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
     """The configured objective over the global batch: embeddings are gathered across workers
@@ -276,9 +288,8 @@ def distill_loss(cfg: DistillConfig, student: VideoTextStudent, out: Any, batch:
                                        (teacher_batch.video_emb, teacher_batch.frame_emb, teacher_batch.text_emb,
                                         teacher_batch.frame_mask)))
     if cfg.loss.objective == "dldkd":
-        return dldkd_loss(video, text_emb, student.logit_scale, gather_with_grad(projected), teacher_batch,
-                          cfg.loss, progress)
-    return teachclip_loss(video, text_emb, student.logit_scale, teacher_batch, cfg.loss)
+        return dldkd_loss(video, text_emb, logit_scale, gather_with_grad(projected), teacher_batch, cfg.loss, progress)
+    return teachclip_loss(video, text_emb, logit_scale, teacher_batch, cfg.loss)
 
 
 def _floats(metrics: dict) -> dict[str, float]:
