@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 
-.PHONY: demo test install bench ui clean
+.PHONY: demo test install chromium ui clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/vidkd pipeline --config $(CONFIG)
 
-test: $(STAMP)
+# The UI test drives headless Chromium (Debian's package); install it only when it is missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	    echo "warning: chromium could not be installed; the browser check of the UI test will be skipped"; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 ui: $(STAMP)

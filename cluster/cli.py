@@ -23,10 +23,11 @@ def up(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus"),
     host: str = typer.Option("127.0.0.1", "--host", help="Dashboard bind address (127.0.0.1 unless you mean it)"),
-    port: int = typer.Option(local.DEFAULT_DASHBOARD_PORT, "--dashboard-port"),
+    dashboard_port: int = typer.Option(local.DEFAULT_DASHBOARD_PORT, "--dashboard-port"),
+    port: int = typer.Option(6379, "--port", help="The head's GCS port"),
 ) -> None:
     """Start a Ray head on this machine (dashboard on 127.0.0.1)."""
-    address = local.cluster_up(num_cpus, num_gpus, host, port)
+    address = local.cluster_up(num_cpus, num_gpus, host, dashboard_port, port)
     typer.echo(f"Ray head is up. Submit with: vidkd submit pipeline --address {address} --config configs/demo.yaml")
 
 

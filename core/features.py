@@ -72,26 +72,6 @@ class TableMeta:
 
 
 # ------------------------------------------------------------------------------ cache key
-def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def hash_path(path: str | Path) -> str:
-    """sha256 over a file, or over every file of a directory (names and contents, sorted)."""
-    path = Path(path)
-    if path.is_file():
-        return hash_file(path)
-    digest = hashlib.sha256()
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(item.relative_to(path)).encode())
-        digest.update(hash_file(item).encode())
-    return digest.hexdigest()
-
-
 def cache_key(
     manifest_rows: Iterable[Mapping[str, Any]],
     teacher_identity: Mapping[str, Any],
@@ -118,7 +98,7 @@ def to_bytes(array: np.ndarray, dtype: str) -> bytes:
 
 def stack_bytes(column: Sequence[bytes], dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """A column of equally shaped raw arrays -> one array [N, *shape]."""
-    flat = np.frombuffer(b"".join(column), dtype=dtype)
+    flat = np.frombuffer(bytearray().join(column), dtype=dtype)  # writable, so torch can take it as is
     return flat.reshape(len(column), *shape)
 
 

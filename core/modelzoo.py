@@ -7,9 +7,14 @@ demo teacher) beside open_clip's (ViT-B-32, convnext_base, ...), so one factory 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import open_clip
+
+# open_clip logs every step of every model creation at INFO; in a Ray job that is one block of
+# lines per worker per restart. Warnings still come through.
+logging.getLogger("open_clip").setLevel(logging.WARNING)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "models"
 _registered = False

@@ -11,8 +11,6 @@ only the `Session` it is handed differs.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import random
 import tempfile
 import time
@@ -20,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
@@ -32,8 +29,8 @@ from ray.train.torch import TorchTrainer
 from core.config import DistillConfig, TeacherConfig, VidkdConfig
 from core.evaluation import evaluate_retrieval
 from core.features import FeatureBatch, TableMeta, decode_batch, read_meta
-from core.losses import TeacherBatch, dldkd_loss, gather_with_grad, teachclip_loss
-from core.student import VideoTextStudent, build_student, load_student, save_student
+from core.student import build_student, load_student, save_student
+from core.training import TrainStep, distill_loss, pick_captions, warmup_cosine
 from core.teachers import build_teacher
 from jobs.runtime import init_ray, want_gpu
 from jobs.tracking import RunLogger
@@ -123,49 +120,6 @@ def iter_feature_batches(
 
 def _columns(table: pa.Table) -> dict[str, list]:
     return {name: table.column(name).to_pylist() for name in table.column_names}
-
-
-def pick_captions(batch: FeatureBatch, rng: random.Random) -> tuple[list[str], list[int]]:
-    """One caption per video per step, drawn at random: every caption gets seen over epochs."""
-    picks = [rng.randrange(len(caps)) for caps in batch.captions]
-    return [caps[i] for caps, i in zip(batch.captions, picks)], picks
-
-
-def cached_teacher(batch: FeatureBatch, picks: list[int], device: torch.device) -> TeacherBatch:
-    text = np.stack([emb[i] for emb, i in zip(batch.teacher_text_emb, picks)])
-    return TeacherBatch(
-        video_emb=torch.from_numpy(batch.teacher_video_emb.astype(np.float32)).to(device),
-        frame_emb=torch.from_numpy(batch.teacher_frame_emb.astype(np.float32)).to(device),
-        text_emb=torch.from_numpy(text.astype(np.float32)).to(device),
-        frame_mask=torch.from_numpy(batch.frame_mask).to(device),
-    )
-
-
-def online_teacher(teacher: Any, frames: torch.Tensor, mask: torch.Tensor, captions: list[str]) -> TeacherBatch:
-    with torch.no_grad():
-        video_emb, frame_emb = teacher.encode_video(frames, mask)
-        text_emb = teacher.encode_text(captions)
-    return TeacherBatch(video_emb=video_emb.float(), frame_emb=frame_emb.float(), text_emb=text_emb.float(),
-                        frame_mask=mask)
-
-
-class TrainStep(torch.nn.Module):
-    """The student's training forward, logit scale included, as one module call: DDP must see
-    every parameter that the loss touches inside `forward`, or its gradient hooks misfire."""
-
-    def __init__(self, student: VideoTextStudent):
-        super().__init__()
-        self.student = student
-
-    def forward(self, frames: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
-        return self.student(frames, mask, tokens), self.student.logit_scale
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -267,29 +221,6 @@ def train_loop(config: dict) -> None:
         from jobs.plots import training_curves
 
         logger.log_figure(training_curves(history), "plots/training_curves.png")
-
-
-def distill_loss(cfg: DistillConfig, logit_scale: torch.Tensor, out: Any, batch: FeatureBatch, picks: list[int],
-                 teacher: Any, frames: torch.Tensor, mask: torch.Tensor, captions: list[str],
-                 device: torch.device, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The configured objective over the global batch: embeddings are gathered across workers
-    with gradients, so every worker's negatives span the whole batch."""
-    video, text_emb, projected = out.video, out.text_emb, out.projected_video_emb
-    teacher_batch = None
-    if cfg.teacher_mode == "cached":
-        teacher_batch = cached_teacher(batch, picks, device)
-    elif cfg.teacher_mode == "online":
-        teacher_batch = online_teacher(teacher, frames, mask, captions)
-
-    video = type(video)(*(gather_with_grad(t) for t in video))
-    text_emb = gather_with_grad(text_emb)
-    if teacher_batch is not None:
-        teacher_batch = TeacherBatch(*(gather_with_grad(t) for t in
-                                       (teacher_batch.video_emb, teacher_batch.frame_emb, teacher_batch.text_emb,
-                                        teacher_batch.frame_mask)))
-    if cfg.loss.objective == "dldkd":
-        return dldkd_loss(video, text_emb, logit_scale, gather_with_grad(projected), teacher_batch, cfg.loss, progress)
-    return teachclip_loss(video, text_emb, logit_scale, teacher_batch, cfg.loss)
 
 
 def _floats(metrics: dict) -> dict[str, float]:

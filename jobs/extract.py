@@ -27,6 +27,7 @@ from core.config import ExtractConfig, TeacherConfig, VidkdConfig
 from core.datasets import VideoRecord, read_manifest
 from core.features import SCHEMA, TableMeta, to_bytes
 from core.teachers import build_teacher
+from core.teachers.base import hash_files
 from core.video import VideoDecodeError, decode_video
 from jobs.runtime import init_ray, want_gpu
 from jobs.tracking import RunLogger
@@ -123,7 +124,7 @@ def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
     identity.update(name=cfg.name, dtype=cfg.dtype)
     weights = cfg.path or cfg.pretrained
     if weights and Path(weights).exists():
-        identity["weights_sha256"] = features.hash_path(weights)
+        identity["weights_sha256"] = hash_files(weights)
     else:
         identity["weights"] = weights or "random-init(seed=0)"
     return identity

@@ -1,0 +1,113 @@
+"""Extraction throughput: the Ray Data pipeline against a naive single-process loop.
+
+    python bench/extract.py --manifest data/synth/manifest.jsonl [--teacher vidkd-vit-small --frames 8 --size 64]
+
+Measured in one run, on the same videos and the same teacher:
+- naive: one process, decode a batch of videos, encode it, repeat (torch may use every core);
+- decode only and encode only, each on one core, per video: the stage costs;
+- ideal pipelined rate on C cores: C / (decode + encode seconds per video), every core busy
+  with useful work all the time;
+- the Ray Data pipeline of `jobs.extract` (decode tasks feeding a teacher actor pool), writing
+  a fresh table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from core.config import TeacherConfig, VidkdConfig, config_from_dict
+from core.datasets import read_manifest
+from core.teachers import build_teacher
+from core.video import decode_video
+
+
+def naive(records, teacher, frames: int, size: int, batch: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(records), batch):
+        chunk = records[i : i + batch]
+        decoded = [decode_video(r.path, frames, size) for r in chunk]
+        with torch.no_grad():
+            teacher.encode_video(torch.from_numpy(np.stack([d[0] for d in decoded])),
+                                 torch.from_numpy(np.stack([d[1] for d in decoded])))
+            teacher.encode_text([c for r in chunk for c in r.captions])
+    return len(records) / (time.perf_counter() - start)
+
+
+def stage_costs(records, teacher, frames: int, size: int, batch: int) -> tuple[float, float]:
+    """Seconds per video of decoding and of encoding, each on one core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    decoded = [decode_video(r.path, frames, size) for r in records]
+    decode_s = (time.perf_counter() - start) / len(records)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(records), batch):
+            chunk = decoded[i : i + batch]
+            teacher.encode_video(torch.from_numpy(np.stack([d[0] for d in chunk])),
+                                 torch.from_numpy(np.stack([d[1] for d in chunk])))
+            teacher.encode_text([c for r in records[i : i + batch] for c in r.captions])
+    encode_s = (time.perf_counter() - start) / len(records)
+    torch.set_num_threads(threads)
+    return decode_s, encode_s
+
+
+def ray_pipeline(cfg: VidkdConfig, records) -> float:
+    from jobs.extract import run_extract
+
+    start = time.perf_counter()
+    result = run_extract(cfg, records)
+    assert not result.cache_hit
+    return result.num_videos / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--teacher", default="vidkd-vit-small")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--videos", type=int, default=200)
+    parser.add_argument("--actors", type=int, default=1)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+
+    records = read_manifest(args.manifest)[: args.videos]
+    torch.manual_seed(0)
+    teacher = build_teacher(TeacherConfig(kind="open_clip", name=args.teacher))
+    naive(records[: args.batch], teacher, args.frames, args.size, args.batch)  # warm-up
+    naive_rate = naive(records, teacher, args.frames, args.size, args.batch)
+    decode_s, encode_s = stage_costs(records, teacher, args.frames, args.size, args.batch)
+    ideal = cores / (decode_s + encode_s)
+
+    from core.config import RayConfig
+    from jobs.runtime import init_ray
+
+    init_ray(RayConfig(num_cpus=cores))
+    with tempfile.TemporaryDirectory() as cache:
+        cfg = config_from_dict({
+            "extract": {"teacher": {"kind": "open_clip", "name": args.teacher}, "num_frames": args.frames,
+                        "image_size": args.size, "cache_dir": cache, "decode_batch_size": args.batch,
+                        "encode_batch_size": args.batch, "num_actors": args.actors},
+        })
+        ray_pipeline(cfg, records[: args.batch * 2])  # warm-up: workers start, imports load
+        cfg = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"cache_dir": cache + "/2"})})
+        ray_rate = ray_pipeline(cfg, records)
+
+    print(f"{len(records)} videos, {args.frames} frames at {args.size}px, teacher {args.teacher}, {cores} cores")
+    print("| measure | videos/s |\n|---|---|")
+    print(f"| decode only (1 core) | {1 / decode_s:.1f} |\n| encode only (1 core) | {1 / encode_s:.1f} |")
+    print(f"| naive loop (1 process) | {naive_rate:.1f} |\n| ideal pipelined ({cores} cores) | {ideal:.1f} |")
+    print(f"| Ray Data pipeline | {ray_rate:.1f} |")
+    print(f"Ray / naive: {ray_rate / naive_rate:.2f}x   Ray / ideal: {ray_rate / ideal:.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The whole workflow on a tiny config: as one command, through the MLflow server and UI, and as
+a Ray job submitted to a local head."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.pipeline import run_pipeline
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pipeline_raw(tmp: Path) -> dict:
+    data_root = tmp / "data"
+    cfg = tiny_config(tmp, data_root / "manifest.jsonl")
+    raw = cfg.model_dump(mode="json")
+    raw["data"]["synth"] = {"videos": 30, "seed": 1, "fps": 6, "width": 64, "height": 48, "min_seconds": 1.0,
+                            "max_seconds": 2.0, "val_fraction": 0.2, "test_fraction": 0.2}
+    raw["teacher_training"] = {"distill": {**raw["distill"], "epochs": 1, "num_workers": 1, "teacher_mode": "none",
+                                           "loss": {**raw["distill"]["loss"], "objective": "none"}}}
+    raw["distill"].update(epochs=1, num_workers=1)
+    raw["quantize"]["calib_samples"] = 16
+    return raw
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(ray_local, tmp_path_factory):
+    from core.config import config_from_dict
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        cfg = config_from_dict(pipeline_raw(tmp))
+        summary = run_pipeline(cfg)
+        again = run_pipeline(cfg)  # every stage's output exists now
+    finally:
+        os.chdir(cwd)
+    return tmp, cfg, summary, again
+
+
+def test_pipeline_summary_and_skips(pipeline_run):
+    tmp, cfg, summary, again = pipeline_run
+    assert set(summary["rows"]) == {"teacher", "student", "student (no distillation)", "student INT4"}
+    for row in summary["rows"].values():
+        assert 0 <= row["t2v_R1"] <= 100
+    assert summary["rows"]["student INT4"]["size_mb"] < summary["rows"]["student"]["size_mb"]
+    assert "R@1" in summary["text"] and "ms/video" in summary["text"]
+    assert again["rows"]["student"]["t2v_R1"] == summary["rows"]["student"]["t2v_R1"]
+    stages = sorted(p.name.split("-")[0] for p in (tmp / "runs" / "stages").glob("*.json"))
+    assert stages == ["data", "distill", "distill", "quantize", "teacher"]
+
+
+def test_mlflow_server_shows_the_run_tree(pipeline_run):
+    """`vidkd ui`'s server over the pipeline's SQLite store, checked through MLflow's REST API,
+    then the experiment page in headless Chromium."""
+    tmp, cfg, _, _ = pipeline_run
+    port = free_port()
+    from cluster.local import start_mlflow_server
+
+    server = start_mlflow_server(str(tmp / "runs"), port=port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        experiment = api(base, "experiments/get-by-name?experiment_name=vidkd")["experiment"]
+        runs = api(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+        by_id = {r["info"]["run_id"]: r for r in runs}
+        names = {r["info"]["run_id"]: tag(r, "mlflow.runName") for r in runs}
+        parents = [r for r in runs if tag(r, "mlflow.runName") == "pipeline"]
+        assert len(parents) == 2  # the run and the re-run
+        children = {names[i] for i, r in by_id.items() if tag(r, "mlflow.parentRunId") == parents[-1]["info"]["run_id"]}
+        assert {"teacher", "extract", "distill", "distill-no-teacher", "quantize"} <= children
+
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is None:
+            pytest.skip("chromium is not installed (make test installs it)")
+        page = f"{base}/#/experiments/{experiment['experiment_id']}"
+        dom = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp / 'chromium'}", "--virtual-time-budget=15000", "--dump-dom", page],
+            capture_output=True, text=True, timeout=120,
+        ).stdout
+        assert "pipeline" in dom and "distill-no-teacher" in dom
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_submit_pipeline_to_a_local_head(tmp_path):
+    """`vidkd cluster up`, `vidkd submit pipeline`, wait, read the logs, `vidkd cluster down`."""
+    raw = pipeline_raw(tmp_path)
+    raw["ray"] = {"address": None, "num_cpus": None}
+    config = tmp_path / "submitted.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    dashboard = free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    vidkd = [sys.executable, "-m", "jobs.cli"]
+    subprocess.run(vidkd + ["cluster", "up", "--num-cpus", "4", "--dashboard-port", str(dashboard),
+                            "--port", str(free_port())], check=True, cwd=ROOT, env=env, timeout=180)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        from cluster import submit
+
+        job = submit.submit(address, "pipeline", str(config),
+                            tracking_uri=f"sqlite:///{tmp_path / 'job-mlflow.db'}")
+        state = submit.wait(address, job, timeout_s=900)
+        logs = submit.logs(address, job)
+        assert state == "SUCCEEDED", logs[-3000:]
+        assert "student INT4" in logs
+        listed = subprocess.run(vidkd + ["jobs", "list", "--address", address], capture_output=True, text=True,
+                                cwd=ROOT, env=env, check=True).stdout
+        assert job in listed and "SUCCEEDED" in listed
+        assert (tmp_path / "job-mlflow.db").exists()
+    finally:
+        subprocess.run(vidkd + ["cluster", "down"], cwd=ROOT, env=env, timeout=120)
+
+
+def api(base: str, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}",
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def tag(run: dict, key: str) -> str | None:
+    return next((t["value"] for t in run["data"].get("tags", []) if t["key"] == key), None)

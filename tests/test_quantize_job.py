@@ -1,0 +1,57 @@
+"""Stage 4 end to end: a tiny trained student, GPTQ INT4 packed to disk, reloaded, evaluated."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from core.quant import read_quantize_config
+from core.student import load_student
+from jobs.distill import run_distill
+from jobs.extract import run_extract
+from jobs.quantize import load_quantized_student, run_quantize
+from jobs.tracking import RunLogger
+from tests.conftest import tiny_config
+
+
+def test_quantize_student_report_and_reload(ray_local, synth_dataset, tmp_path, tracking_dir):
+    cfg = tiny_config(tmp_path, synth_dataset, quantize={"calib_samples": 32, "act_order": True})
+    table = run_extract(cfg)
+    distill = cfg.distill.model_copy(update={"epochs": 1, "num_workers": 1, "teacher_mode": "none",
+                                             "loss": cfg.distill.loss.model_copy(update={"objective": "none"})})
+    student_ckpt = run_distill(cfg, table.table_dir, distill=distill).checkpoint
+
+    run = RunLogger.create("quantize-test", cfg.tracking, output_dir=str(tracking_dir))
+    result = run_quantize(cfg, student_ckpt, table.table_dir, logger=run)
+
+    qcfg = read_quantize_config(result.output_dir)
+    assert qcfg["bits"] == 4 and qcfg["group_size"] == 128 and qcfg["desc_act"] is True
+    assert all(name.startswith("clip.visual.") for name in qcfg["quantized_modules"])
+    assert len(qcfg["quantized_modules"]) == 4 * 2  # 4 linears x 2 blocks of vidkd-vit-micro
+
+    sizes = result.report["sizes"]["gptq"]
+    assert 4.0 < sizes["quantized_bits_per_weight"] < 4.5
+    assert sizes["vision_compression"] > 2.0
+    assert sizes["file_bytes"] < result.report["checkpoint_bytes"]
+    for method in ("fp32", "gptq", "rtn"):
+        metrics = result.report["metrics"][method]
+        assert 0 <= metrics["t2v_R1"] <= metrics["t2v_R5"] <= metrics["t2v_R10"] <= 100
+
+    # The reloaded INT4 student runs and stays close to full precision.
+    fp = load_student(student_ckpt).eval()
+    q = load_quantized_student(result.output_dir)
+    frames = torch.randint(0, 255, (2, 4, 32, 32, 3), dtype=torch.uint8)
+    mask = torch.ones(2, 4, dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = fp.encode_video(frames, mask).video_emb, q.encode_video(frames, mask).video_emb
+    assert a.shape == b.shape and torch.nn.functional.cosine_similarity(a, b).min() > 0.9
+
+    client = run.client
+    metrics = client.get_run(run.run_id).data.metrics
+    assert {"fp32_t2v_R1", "gptq_t2v_R1", "rtn_t2v_R1", "r1_drop_gptq", "gptq_quantized_bits_per_weight"} <= set(metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.run_id)}
+    assert {"quantized_model", "quantization_report.txt", "quantization_report.json"} <= artifacts
+    report = json.loads(client.download_artifacts(run.run_id, "quantization_report.json", str(tmp_path)) and
+                        (tmp_path / "quantization_report.json").read_text())
+    assert len(report["layers"]["gptq"]["layers"]) == 8
