@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -42,12 +43,17 @@ def cluster_down() -> None:
 
 
 def wait_for_http(url: str, timeout: float = 60.0) -> None:
+    """Wait until the server answers. An HTTP error below 500 counts as up: Ray >= 2.59 turns token
+    authentication on for local heads, so an unauthenticated probe of the dashboard gets a 401."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status < 500:
                     return
+        except urllib.error.HTTPError as error:
+            if error.code < 500:
+                return
         except OSError:
             pass
         if time.monotonic() > deadline:

@@ -20,6 +20,25 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXCLUDES = [".venv", ".git", "runs", "data", "**/__pycache__", ".pytest_cache", "*.egg-info", ".whl", ".gl"]
 
 
+def auth_token() -> str | None:
+    """The cluster's token, where Ray looks for it: `RAY_AUTH_TOKEN`, the file named by
+    `RAY_AUTH_TOKEN_PATH`, then `~/.ray/auth_token` (which `ray start` writes on a local head).
+    Ray >= 2.59 enables token authentication on local heads by default."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if path.is_file():
+        return path.read_text().strip() or None
+    return None
+
+
+def client(address: str) -> JobSubmissionClient:
+    """A job client that presents the cluster token when there is one."""
+    token = auth_token()
+    return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else None)
+
+
 def entrypoint(stage: str, config: str | None, overrides: list[str], extra: list[str]) -> str:
     if stage not in STAGE_COMMANDS:
         raise ValueError(f"unknown stage {stage!r}: expected one of {', '.join(sorted(STAGE_COMMANDS))}")
@@ -59,7 +78,7 @@ def submit(address: str, stage: str, config: str | None = None, overrides: list[
     if pip:
         runtime_env["pip"] = pip
     try:
-        return JobSubmissionClient(address).submit_job(
+        return client(address).submit_job(
             entrypoint=entrypoint(stage, config_arg, overrides or [], extra or []),
             runtime_env=runtime_env,
             metadata={"vidkd.stage": stage},
@@ -70,7 +89,7 @@ def submit(address: str, stage: str, config: str | None = None, overrides: list[
 
 
 def list_jobs(address: str) -> list[dict]:
-    jobs = JobSubmissionClient(address).list_jobs()
+    jobs = client(address).list_jobs()
     return [
         {"id": job.submission_id, "status": str(job.status.value if hasattr(job.status, "value") else job.status),
          "entrypoint": job.entrypoint, "start_time": job.start_time}
@@ -79,24 +98,24 @@ def list_jobs(address: str) -> list[dict]:
 
 
 def status(address: str, job_id: str) -> str:
-    return str(JobSubmissionClient(address).get_job_status(job_id).value)
+    return str(client(address).get_job_status(job_id).value)
 
 
 def logs(address: str, job_id: str) -> str:
-    return JobSubmissionClient(address).get_job_logs(job_id)
+    return client(address).get_job_logs(job_id)
 
 
 def follow_logs(address: str, job_id: str, poll_s: float = 1.0) -> Iterator[str]:
     """The job's log as it grows, until the job ends (a polling tail, no websocket needed)."""
-    client = JobSubmissionClient(address)
+    jobs = client(address)
     seen = 0
     while True:
-        text = client.get_job_logs(job_id)
+        text = jobs.get_job_logs(job_id)
         if len(text) > seen:
             yield text[seen:]
             seen = len(text)
-        if client.get_job_status(job_id) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            text = client.get_job_logs(job_id)
+        if jobs.get_job_status(job_id) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            text = jobs.get_job_logs(job_id)
             if len(text) > seen:
                 yield text[seen:]
             return
@@ -104,10 +123,10 @@ def follow_logs(address: str, job_id: str, poll_s: float = 1.0) -> Iterator[str]
 
 
 def wait(address: str, job_id: str, timeout_s: float = 1800, poll_s: float = 2.0) -> str:
-    client = JobSubmissionClient(address)
+    jobs = client(address)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        state = client.get_job_status(job_id)
+        state = jobs.get_job_status(job_id)
         if state in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
             return str(state.value)
         time.sleep(poll_s)
@@ -115,4 +134,4 @@ def wait(address: str, job_id: str, timeout_s: float = 1800, poll_s: float = 2.0
 
 
 def stop(address: str, job_id: str) -> bool:
-    return JobSubmissionClient(address).stop_job(job_id)
+    return client(address).stop_job(job_id)

@@ -56,6 +56,19 @@ def apply_params(base: DistillConfig, params: dict[str, float]) -> DistillConfig
     return DistillConfig.model_validate(data)
 
 
+def default_point(cfg: VidkdConfig) -> dict[str, float]:
+    """The configured distill settings as a point of the space (clipped into its bounds): the
+    search evaluates it first, so the best config it reports is at least as good as the default."""
+    data = cfg.distill.model_dump(mode="json")
+    point = {}
+    for key, dim in cfg.tune.space.items():
+        node = data
+        for part in key.split("."):
+            node = node[part]
+        point[key] = min(max(float(node), dim.low), dim.high)
+    return point
+
+
 def search_space(cfg: VidkdConfig) -> dict[str, Any]:
     return {
         key: (tune.loguniform if dim.log else tune.uniform)(dim.low, dim.high)
@@ -137,7 +150,8 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     else:
         if resume:
             log.warning("tune: nothing to resume in %s, starting a new search", path)
-        searcher = ConcurrencyLimiter(OptunaSearch(seed=tcfg.seed), max_concurrent=max_concurrent)
+        searcher = ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[default_point(cfg)], seed=tcfg.seed),
+                                      max_concurrent=max_concurrent)
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(cfg),
@@ -176,7 +190,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     log.warning("tune: best val R@1 %.1f with %s (%d trial-epochs)", best[TARGET_METRIC], best_params, trial_epochs)
 
     if logger:
-        _close_trial_runs(logger, trials)
+        _close_trial_runs(logger, trials, tcfg.max_epochs)
         logger.log_metrics({"best_" + TARGET_METRIC: best[TARGET_METRIC], "trials": len(trials),
                             "trial_epochs": trial_epochs})
         logger.set_tags({f"best.{k}": f"{v:.6g}" for k, v in best_params.items()})
@@ -188,12 +202,12 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs)
 
 
-def _close_trial_runs(parent: RunLogger, trials: list[dict]) -> None:
+def _close_trial_runs(parent: RunLogger, trials: list[dict], max_epochs: int) -> None:
     """Trials stopped early by ASHA never return; close their runs as KILLED, the rest FINISHED."""
     for trial in trials:
         run = parent.find_child(f"trial-{trial['trial_id']}")
         if run:
-            run.end("FINISHED" if trial["epochs"] >= 1 else "KILLED")
+            run.end("FINISHED" if trial["epochs"] >= max_epochs else "KILLED")
 
 
 def load_best(path: str | Path) -> dict:
