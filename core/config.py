@@ -183,6 +183,7 @@ def _default_space() -> dict[str, SearchDim]:
 class TuneConfig(_Strict):
     enabled: bool = False  # the pipeline runs the search only when enabled
     num_samples: int = Field(6, ge=1)
+    scheduler: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs max_epochs (the full budget)
     max_concurrent: int | None = Field(None, ge=1)  # default: what the cluster fits
     max_epochs: int = Field(3, ge=1)
     grace_period: int = Field(1, ge=1)

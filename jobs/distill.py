@@ -32,13 +32,14 @@ from core.features import FeatureBatch, TableMeta, decode_batch, read_meta
 from core.student import build_student, load_student, save_student
 from core.training import TrainStep, distill_loss, pick_captions, warmup_cosine
 from core.teachers import build_teacher
-from jobs.runtime import init_ray, want_gpu
+from jobs.runtime import init_ray, quiet_training_worker, want_gpu
 from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.distill")
 CHECKPOINT_FILE = "student.pt"
 STATE_FILE = "train_state.pt"
 TARGET_METRIC = "val_t2v_R1"
+FIRST_STEP_KEY = "first_step_unix"  # reported to Ray, not logged to MLflow
 
 
 # ------------------------------------------------------------------------------ sessions
@@ -129,6 +130,7 @@ def train_loop(config: dict) -> None:
     online mode), run_id/tracking_uri/experiment_id (the MLflow run, logged by rank 0),
     init_checkpoint (optional student to start from), fail_once (test hook: [epoch, marker])."""
     session: Session = config.get("_session") or TrainSession()
+    quiet_training_worker()
     cfg = DistillConfig.model_validate(config["distill"])
     meta = TableMeta(**config["meta"])
     device = session.device()
@@ -171,12 +173,14 @@ def train_loop(config: dict) -> None:
         teacher = build_teacher(TeacherConfig.model_validate(config["teacher"]), device=str(device))
 
     train_data, val_data = session.dataset("train"), session.dataset("val")
+    first_step_at = None  # wall clock of this process's first step: Tune measures trial start-up from it
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         rng = random.Random(cfg.seed * 1000 + epoch * 10 + session.rank)
         sums: dict[str, float] = {}
         steps, epoch_start = 0, time.perf_counter()
         for batch in iter_feature_batches(train_data, meta, per_worker_batch, shuffle_seed=cfg.seed + epoch, drop_last=True):
+            first_step_at = first_step_at or time.time()
             frames = torch.from_numpy(batch.frames).to(device)
             mask = torch.from_numpy(batch.frame_mask).to(device)
             captions, picks = pick_captions(batch, rng)
@@ -194,6 +198,8 @@ def train_loop(config: dict) -> None:
         metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
         metrics.update(epoch=epoch, lr=scheduler.get_last_lr()[0], epoch_time_s=time.perf_counter() - epoch_start,
                        logit_scale=float(student.logit_scale))
+        if first_step_at:
+            metrics[FIRST_STEP_KEY] = first_step_at
 
         checkpoint_dir = None
         if is_chief:
@@ -209,7 +215,7 @@ def train_loop(config: dict) -> None:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                         "history": history, "best": best}, Path(checkpoint_dir) / STATE_FILE)
             if logger:
-                logger.log_metrics(metrics, step=epoch)
+                logger.log_metrics({k: v for k, v in metrics.items() if k != FIRST_STEP_KEY}, step=epoch)
             log.warning("distill epoch %d/%d: loss %.4f  val R@1 %.1f  (%.1fs)", epoch + 1, cfg.epochs,
                         metrics["train_loss"], metrics[TARGET_METRIC], metrics["epoch_time_s"])
         if session.world_size > 1:

@@ -179,8 +179,12 @@ def run_single_stage(stage: str, cfg: VidkdConfig, table: Path | None = None, re
     run = RunLogger.create(stage, cfg.tracking, tags={"vidkd.stage": stage}, output_dir=cfg.output_dir)
     with run.running():
         run.log_text(dump_config(cfg), "config.yaml")
+        teacher = cfg.extract.teacher
         if table is None:
-            extracted = run_extract(cfg, load_records(cfg), logger=run if stage == "extract" else None)
+            records = load_records(cfg)
+            # A config that trains its own teacher (the demo) reuses the pipeline's, or trains it.
+            teacher = stage_teacher(cfg, StageCache(cfg, None), records, run)
+            extracted = run_extract(cfg, records, teacher=teacher, logger=run if stage == "extract" else None)
             table = extracted.table_dir
             if stage == "extract":
                 print(f"feature table: {table} ({extracted.num_videos} videos, {len(extracted.failures)} failures)")
@@ -188,7 +192,7 @@ def run_single_stage(stage: str, cfg: VidkdConfig, table: Path | None = None, re
         if stage == "distill":
             from jobs.distill import run_distill
 
-            result = run_distill(cfg, table, logger=run)
+            result = run_distill(cfg, table, logger=run, teacher=teacher)
             print(f"best student: {result.checkpoint} (val R@1 {result.metrics['val_t2v_R1']:.1f})")
         elif stage == "tune":
             from jobs.tune import run_tune

@@ -35,6 +35,21 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     )
 
 
+def quiet_training_worker() -> None:
+    """In a training worker: no per-epoch Ray Data progress bars for the val split (the epoch
+    line says what matters) and no per-report dump of every metric from Ray Train's context,
+    whose logger is named after its file."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # Ray Train V1, or the module moved: only noise is at stake
+        pass
+
+
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 

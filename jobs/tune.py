@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ from typing import Any
 import ray
 import yaml
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from core.config import DistillConfig, VidkdConfig, dump_config
 from core.features import read_meta
-from jobs.distill import TARGET_METRIC, TuneSession, split_datasets, train_loop
+from jobs.distill import FIRST_STEP_KEY, TARGET_METRIC, TuneSession, split_datasets, train_loop
 from jobs.plots import metric_vs_params
 from jobs.runtime import cluster_cpus, init_ray
 from jobs.tracking import RunLogger
@@ -42,6 +44,32 @@ class TuneResult:
     config_path: Path
     trials: list[dict[str, Any]]
     trial_epochs: int
+    startup_share: float | None = None  # trial start to first step, as a share of trial time
+
+
+class TrialTiming(Callback):
+    """Wall-clock start-up of each trial: from Tune starting it to its first training step (the
+    loop reports when that happened), against the trial's whole time to its last result."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.first_step: dict[str, float] = {}
+        self.last_result: dict[str, float] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, time.time())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.last_result[trial.trial_id] = time.time()
+        if FIRST_STEP_KEY in result:
+            self.first_step.setdefault(trial.trial_id, result[FIRST_STEP_KEY])
+
+    def timing(self, trial_id: str) -> dict[str, float]:
+        start, first, last = (self.started.get(trial_id), self.first_step.get(trial_id),
+                              self.last_result.get(trial_id))
+        if start is None or first is None or last is None:
+            return {}
+        return {"startup_s": max(0.0, first - start), "trial_s": max(1e-9, last - start)}
 
 
 def apply_params(base: DistillConfig, params: dict[str, float]) -> DistillConfig:
@@ -74,6 +102,14 @@ def search_space(cfg: VidkdConfig) -> dict[str, Any]:
         key: (tune.loguniform if dim.log else tune.uniform)(dim.low, dim.high)
         for key, dim in cfg.tune.space.items()
     }
+
+
+def scheduler(tcfg):
+    """ASHA on val R@1 per epoch; FIFO runs every trial to max_epochs (the full-budget baseline)."""
+    if tcfg.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=tcfg.max_epochs, grace_period=tcfg.grace_period,
+                         reduction_factor=tcfg.reduction_factor)
 
 
 def experiment_name(cfg: VidkdConfig, table_key: str) -> str:
@@ -144,6 +180,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         trial_resources,
     )
     path = Path(storage) / name
+    timing = TrialTiming()
     if resume and tune.Tuner.can_restore(str(path)):
         log.warning("tune: resuming the search in %s", path)
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, restart_errored=False)
@@ -159,12 +196,11 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                 metric=TARGET_METRIC,
                 mode="max",
                 search_alg=searcher,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tcfg.max_epochs,
-                                        grace_period=tcfg.grace_period, reduction_factor=tcfg.reduction_factor),
+                scheduler=scheduler(tcfg),
                 num_samples=tcfg.num_samples,
                 max_concurrent_trials=max_concurrent,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage),
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[timing]),
         )
     grid = tuner.fit()
 
@@ -176,7 +212,8 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         best_in_trial = float(history[TARGET_METRIC].max()) if history is not None else result.metrics[TARGET_METRIC]
         trials.append({**{k: result.config[k] for k in cfg.tune.space}, TARGET_METRIC: best_in_trial,
                        "epochs": int(result.metrics.get("training_iteration", 0)),
-                       "trial_id": result.metrics.get("trial_id")})
+                       "trial_id": result.metrics.get("trial_id"),
+                       **timing.timing(result.metrics.get("trial_id"))})
     if not trials:
         raise RuntimeError("no Tune trial reported a metric; see the trial errors above")
     best = max(trials, key=lambda t: t[TARGET_METRIC])
@@ -187,19 +224,22 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(dump_config(best_config))
     trial_epochs = sum(t["epochs"] for t in trials)
+    timed = [t for t in trials if "startup_s" in t]
+    startup_share = sum(t["startup_s"] for t in timed) / sum(t["trial_s"] for t in timed) if timed else None
     log.warning("tune: best val R@1 %.1f with %s (%d trial-epochs)", best[TARGET_METRIC], best_params, trial_epochs)
 
     if logger:
         _close_trial_runs(logger, trials, tcfg.max_epochs)
         logger.log_metrics({"best_" + TARGET_METRIC: best[TARGET_METRIC], "trials": len(trials),
-                            "trial_epochs": trial_epochs})
+                            "trial_epochs": trial_epochs,
+                            **({"trial_startup_share": startup_share} if startup_share is not None else {})})
         logger.set_tags({f"best.{k}": f"{v:.6g}" for k, v in best_params.items()})
         logger.log_artifact(out, "best_config")
         logger.log_dict({"trials": trials}, "trials.json")
         log_params = {k for k, d in cfg.tune.space.items() if d.log}
         logger.log_figure(metric_vs_params(trials, list(cfg.tune.space), TARGET_METRIC, log_params),
                           "plots/val_R1_vs_hyperparameters.png")
-    return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs)
+    return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs, startup_share)
 
 
 def _close_trial_runs(parent: RunLogger, trials: list[dict], max_epochs: int) -> None:

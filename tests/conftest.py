@@ -64,3 +64,35 @@ def tiny_config(tmp: Path, manifest: Path, **sections):
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return config_from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def teacher_table(ray_local, synth_dataset, tmp_path_factory):
+    """One feature table with a micro open_clip teacher, shared by the distill, tune and quantize tests."""
+    from core.config import TeacherConfig
+    from jobs.extract import run_extract
+
+    tmp = tmp_path_factory.mktemp("teacher-table")
+    teacher = TeacherConfig(kind="open_clip", name="vidkd-vit-micro")
+    cfg = tiny_config(tmp, synth_dataset, extract={"teacher": teacher.model_dump()})
+    return cfg, run_extract(cfg)
+
+
+@pytest.fixture(scope="session")
+def plain_student(teacher_table, tmp_path_factory):
+    """A micro student trained for one epoch with plain InfoNCE on one worker: (checkpoint, result)."""
+    from jobs.distill import run_distill
+
+    cfg, table = teacher_table
+    plain = cfg.distill.model_copy(update={
+        "epochs": 1, "num_workers": 1, "teacher_mode": "none",
+        "storage_dir": str(tmp_path_factory.mktemp("plain-student")),
+        "loss": cfg.distill.loss.model_copy(update={"objective": "none"})})
+    result = run_distill(cfg, table.table_dir, distill=plain, name="plain")
+    return result.checkpoint, result
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `own_ray_cluster` start and stop a Ray head of their own (`ray stop` ends every
+    Ray process on the machine): they run last, after the session's local instance is shut down."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is not None)

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from core.config import TeacherConfig
 from core.student import load_student
 from jobs.distill import run_distill
 from jobs.extract import run_extract
 from jobs.tracking import RunLogger
 from tests.conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def teacher_table(ray_local, synth_dataset, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("distill")
-    teacher = TeacherConfig(kind="open_clip", name="vidkd-vit-micro")
-    cfg = tiny_config(tmp, synth_dataset, extract={"teacher": teacher.model_dump()})
-    return cfg, run_extract(cfg)
 
 
 def test_two_workers_train_resume_after_failure_and_log_one_run(teacher_table, tmp_path, tracking_dir):
@@ -49,12 +40,9 @@ def test_two_workers_train_resume_after_failure_and_log_one_run(teacher_table, t
     assert [a.path for a in client.list_artifacts(run.run_id, "plots")] == ["plots/training_curves.png"]
 
 
-def test_no_teacher_and_dldkd_modes(teacher_table, tmp_path):
+def test_no_teacher_and_dldkd_modes(teacher_table, plain_student, tmp_path):
     cfg, table = teacher_table
-    plain = cfg.distill.model_copy(update={
-        "epochs": 1, "num_workers": 1, "teacher_mode": "none", "storage_dir": str(tmp_path / "a"),
-        "loss": cfg.distill.loss.model_copy(update={"objective": "none"})})
-    result = run_distill(cfg, table.table_dir, distill=plain, name="plain")
+    _, result = plain_student
     assert set(k for k in result.history[0] if k.startswith("train_")) >= {"train_loss", "train_infonce"}
     assert "train_cgt" not in result.history[0]
 

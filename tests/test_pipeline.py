@@ -108,10 +108,18 @@ def test_mlflow_server_shows_the_run_tree(pipeline_run):
         server.wait(timeout=30)
 
 
+@pytest.mark.own_ray_cluster
 def test_submit_pipeline_to_a_local_head(tmp_path):
     """`vidkd cluster up`, `vidkd submit pipeline`, wait, read the logs, `vidkd cluster down`."""
+    import ray
+
+    ray.shutdown()  # the session's local instance: `cluster down` would end it under our feet
     raw = pipeline_raw(tmp_path)
     raw["ray"] = {"address": None, "num_cpus": None}
+    # A lighter pipeline than the one above (that one covers teacher training): a ready-made teacher.
+    raw["teacher_training"] = None
+    raw["extract"]["teacher"] = {"kind": "open_clip", "name": "vidkd-vit-micro"}
+    raw["data"]["synth"]["videos"] = 20
     config = tmp_path / "submitted.yaml"
     config.write_text(yaml.safe_dump(raw))
     dashboard = free_port()

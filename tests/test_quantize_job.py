@@ -8,19 +8,15 @@ import torch
 
 from core.quant import read_quantize_config
 from core.student import load_student
-from jobs.distill import run_distill
-from jobs.extract import run_extract
 from jobs.quantize import load_quantized_student, run_quantize
 from jobs.tracking import RunLogger
-from tests.conftest import tiny_config
 
 
-def test_quantize_student_report_and_reload(ray_local, synth_dataset, tmp_path, tracking_dir):
-    cfg = tiny_config(tmp_path, synth_dataset, quantize={"calib_samples": 32, "act_order": True})
-    table = run_extract(cfg)
-    distill = cfg.distill.model_copy(update={"epochs": 1, "num_workers": 1, "teacher_mode": "none",
-                                             "loss": cfg.distill.loss.model_copy(update={"objective": "none"})})
-    student_ckpt = run_distill(cfg, table.table_dir, distill=distill).checkpoint
+def test_quantize_student_report_and_reload(teacher_table, plain_student, tmp_path, tracking_dir):
+    cfg, table = teacher_table
+    cfg = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"calib_samples": 32, "act_order": True}),
+                                 "output_dir": str(tmp_path / "runs")})
+    student_ckpt, _ = plain_student
 
     run = RunLogger.create("quantize-test", cfg.tracking, output_dir=str(tracking_dir))
     result = run_quantize(cfg, student_ckpt, table.table_dir, logger=run)

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import yaml
 
-from core.config import TeacherConfig, load_config
-from jobs.extract import run_extract
+from core.config import TuneConfig, load_config
 from jobs.tracking import RunLogger
 from jobs.tune import TARGET_METRIC, default_point, run_tune
-from tests.conftest import tiny_config
 
 
-def test_tiny_search_logs_trials_and_writes_a_distill_config(ray_local, synth_dataset, tmp_path, tracking_dir):
-    teacher = TeacherConfig(kind="open_clip", name="vidkd-vit-micro")
-    cfg = tiny_config(tmp_path, synth_dataset, extract={"teacher": teacher.model_dump()},
-                      tune={"num_samples": 6, "max_concurrent": 2, "max_epochs": 3, "grace_period": 1,
-                            "workers_per_trial": 1, "storage_dir": str(tmp_path / "tune")},
-                      distill={"lr": 2e-3, "lr_new": 2e-3})
-    table = run_extract(cfg)
+def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_path, tracking_dir):
+    cfg, table = teacher_table
+    cfg = cfg.model_copy(update={
+        "tune": TuneConfig(num_samples=6, max_concurrent=2, max_epochs=3, grace_period=1, workers_per_trial=1,
+                           storage_dir=str(tmp_path / "tune")),
+        "distill": cfg.distill.model_copy(update={"lr": 2e-3, "lr_new": 2e-3}),
+        "output_dir": str(tmp_path / "runs"),
+    })
     parent = RunLogger.create("tune-test", cfg.tracking, output_dir=str(tracking_dir))
     result = run_tune(cfg, table.table_dir, logger=parent)
 
@@ -30,6 +29,7 @@ def test_tiny_search_logs_trials_and_writes_a_distill_config(ray_local, synth_da
     assert result.best_metric >= default_trials[0][TARGET_METRIC]
     assert result.best_metric == max(t[TARGET_METRIC] for t in result.trials)
     assert result.trial_epochs <= 6 * 3
+    assert result.startup_share is not None and 0 < result.startup_share < 1
 
     # The best config is a complete preset that `vidkd distill --config` takes as it is.
     best = load_config(result.config_path)
