@@ -6,6 +6,7 @@ open door to running code on the machine.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,10 @@ def cluster_up(num_cpus: int | None = None, num_gpus: int | None = None, host: s
         command.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         command.append(f"--num-gpus={num_gpus}")
-    subprocess.run(command, check=True)
+    # Jobs on this head run `python -m jobs.cli ...`: the `python` on its PATH must be this
+    # environment's, also when `vidkd` was called by path with the venv not activated.
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    subprocess.run(command, check=True, env=env)
     address = f"http://{host}:{dashboard_port}"
     wait_for_http(f"{address}/api/version", timeout=60)
     return address
