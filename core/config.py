@@ -96,7 +96,9 @@ class ExtractConfig(_Strict):
     decode_cpus: float = Field(1.0, gt=0)  # CPUs per decode task
     decode_batch_size: int = Field(8, ge=1)
     encode_batch_size: int = Field(16, ge=1)
-    num_actors: int = Field(1, ge=1)  # teacher actors (one GPU each where GPUs exist)
+    # Teacher actors: one GPU each where GPUs are used, else one CPU each (decoding then runs
+    # inside the actor, fused by Ray Data). None: one per GPU, or one per CPU of the cluster.
+    num_actors: int | None = Field(None, ge=1)
     use_gpu: Literal["auto"] | bool = "auto"
 
 

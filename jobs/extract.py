@@ -29,7 +29,7 @@ from core.features import SCHEMA, TableMeta, to_bytes
 from core.teachers import build_teacher
 from core.teachers.base import hash_files
 from core.video import VideoDecodeError, decode_video
-from jobs.runtime import init_ray, want_gpu
+from jobs.runtime import cluster_cpus, cluster_gpus, init_ray, want_gpu
 from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.extract")
@@ -185,6 +185,19 @@ def run_extract(
     return result
 
 
+def actor_pool_size(ecfg: ExtractConfig, use_gpu: bool, num_blocks: int) -> int:
+    """The configured number of teacher actors, else every GPU (or every CPU) the cluster has, and
+    never more actors than there are batches to encode. On CPU each actor takes one CPU and Ray
+    Data fuses decoding into it: every core decodes and encodes its own batches, no hand-off."""
+    if ecfg.num_actors:
+        return ecfg.num_actors
+    if use_gpu:
+        available = cluster_gpus()
+    else:  # decode tasks asking for other than the actors' one CPU are not fused: leave them room
+        available = cluster_cpus() - (0 if ecfg.decode_cpus == 1 else ecfg.decode_cpus)
+    return max(1, min(int(available), -(-num_blocks * ecfg.decode_batch_size // ecfg.encode_batch_size)))
+
+
 def _build_table(
     ecfg: ExtractConfig, teacher: TeacherConfig, identity: dict, rows: list[dict], key: str, table_dir: Path
 ) -> ExtractResult:
@@ -218,7 +231,7 @@ def _build_table(
                 "image_size": ecfg.image_size,
                 "use_gpu": use_gpu,
             },
-            compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
+            compute=ray.data.ActorPoolStrategy(size=actor_pool_size(ecfg, use_gpu, num_blocks)),
             batch_format="pyarrow",
             batch_size=ecfg.encode_batch_size,
             num_gpus=1 if use_gpu else 0,
