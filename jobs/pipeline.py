@@ -85,7 +85,9 @@ def stage_teacher(cfg: VidkdConfig, cache: StageCache, records, parent: RunLogge
             result = run_distill(cfg, table.table_dir, distill=tcfg, logger=run, name="teacher")
         return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
 
-    key = [cfg.extract.model_dump(exclude={"teacher"}), tcfg.model_dump(), [r.video_id for r in records],
+    # What the teacher's weights depend on: its frames and the training settings, not how many
+    # actors or which batch sizes extraction ran with.
+    key = [cfg.extract.num_frames, cfg.extract.image_size, tcfg.model_dump(), [r.video_id for r in records],
            str(cfg.data.manifest_path())]
     outputs = cache.run("teacher", key, build, check=_exists("checkpoint"))
     return TeacherConfig(kind="vidkd", path=outputs["checkpoint"])

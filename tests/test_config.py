@@ -9,6 +9,12 @@ def test_demo_preset_loads():
     assert cfg.data.synth is not None and cfg.teacher_training is not None
 
 
+def test_msrvtt_preset_loads():
+    cfg = load_config("configs/msrvtt.yaml")
+    assert cfg.data.msrvtt is not None and cfg.extract.teacher.name == "ViT-L-14"
+    assert cfg.distill.student.model == "ViT-B-32" and cfg.distill.use_gpu is True
+
+
 def test_overrides_are_typed():
     cfg = load_config("configs/demo.yaml", ["distill.lr=3e-4", "distill.epochs=2", "tune.enabled=true"])
     assert cfg.distill.lr == pytest.approx(3e-4) and cfg.distill.epochs == 2 and cfg.tune.enabled is True
