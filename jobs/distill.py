@@ -264,7 +264,10 @@ def split_datasets(table: Any, meta: TableMeta) -> dict[str, Any]:
     """{"train", "val", "test"} Ray Datasets from a materialized dataset or a table directory."""
     if isinstance(table, (str, Path)):
         table = ray.data.read_parquet(str(table), file_extensions=["parquet"])
-    return {split: table.filter(expr=f"split == '{split}'").materialize() for split in ("train", "val", "test")}
+    splits = {split: table.filter(expr=f"split == '{split}'").materialize() for split in ("train", "val", "test")}
+    for ds in splits.values():  # read every epoch: the epoch's log line says enough, no bar per pass
+        ds.context.enable_progress_bars = False
+    return splits
 
 
 def run_distill(
