@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -221,6 +222,8 @@ def train_loop(config: dict) -> None:
         if session.world_size > 1:
             metrics = _broadcast(metrics)
         session.report(metrics, checkpoint_dir)
+        if checkpoint_dir:  # reporting copied it to the run's storage; the local copy is spent
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
         _maybe_fail(config.get("fail_once"), epoch)
 
     if is_chief and logger:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from core.student import load_student
@@ -17,9 +20,12 @@ def test_two_workers_train_resume_after_failure_and_log_one_run(teacher_table, t
                                              "storage_dir": str(tmp_path / "train")})
     run = RunLogger.create("distill-test", cfg.tracking, output_dir=str(tracking_dir))
     marker = tmp_path / "failed-once"
+    spent = lambda: set(Path(tempfile.gettempdir()).glob("vidkd-ckpt-*"))  # noqa: E731
+    before = spent()
     result = run_distill(cfg, table.table_dir, distill=distill, logger=run, fail_once=(0, str(marker)))
 
     assert marker.exists(), "the injected failure did not happen"
+    assert spent() - before == set(), "each epoch's local checkpoint copy must go once reported"
     epochs = [h["epoch"] for h in result.history]
     assert epochs == [0, 1, 2, 3], f"resume must continue after the checkpointed epoch, got {epochs}"
     losses = [h["train_loss"] for h in result.history]
