@@ -185,7 +185,7 @@ def run_extract(
     return result
 
 
-def actor_pool_size(ecfg: ExtractConfig, use_gpu: bool, num_blocks: int) -> int:
+def actor_pool_size(ecfg: ExtractConfig, use_gpu: bool, num_videos: int) -> int:
     """The configured number of teacher actors, else every GPU (or every CPU) the cluster has, and
     never more actors than there are batches to encode. On CPU each actor takes one CPU and Ray
     Data fuses decoding into it: every core decodes and encodes its own batches, no hand-off."""
@@ -195,7 +195,7 @@ def actor_pool_size(ecfg: ExtractConfig, use_gpu: bool, num_blocks: int) -> int:
         available = cluster_gpus()
     else:  # decode tasks asking for other than the actors' one CPU are not fused: leave them room
         available = cluster_cpus() - (0 if ecfg.decode_cpus == 1 else ecfg.decode_cpus)
-    return max(1, min(int(available), -(-num_blocks * ecfg.decode_batch_size // ecfg.encode_batch_size)))
+    return max(1, min(int(available), -(-num_videos // ecfg.encode_batch_size)))
 
 
 def _build_table(
@@ -231,7 +231,7 @@ def _build_table(
                 "image_size": ecfg.image_size,
                 "use_gpu": use_gpu,
             },
-            compute=ray.data.ActorPoolStrategy(size=actor_pool_size(ecfg, use_gpu, num_blocks)),
+            compute=ray.data.ActorPoolStrategy(size=actor_pool_size(ecfg, use_gpu, len(inputs))),
             batch_format="pyarrow",
             batch_size=ecfg.encode_batch_size,
             num_gpus=1 if use_gpu else 0,

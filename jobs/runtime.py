@@ -36,12 +36,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
 
 
 def quiet_training_worker() -> None:
-    """In a training worker: no per-epoch Ray Data progress bars for the val split (the epoch
-    line says what matters) and no per-report dump of every metric from Ray Train's context,
-    whose logger is named after its file."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    """In a training worker: no per-report dump of every metric from Ray Train's context, whose
+    logger is named after its file. (The datasets it reads carry their own no-progress-bar
+    context from `jobs.distill.split_datasets`.)"""
     try:
         from ray.train.v2._internal.execution import context
 

@@ -160,6 +160,14 @@ class FrameWindows(NamedTuple):
         return out
 
 
+def scatter_real_frames(frame_emb: Tensor, mask: Tensor) -> Tensor:
+    """frame_emb [N,D] of the real frames, in order -> [B,F,D] with zeros at padding frames."""
+    mask = mask.to(frame_emb.device).bool()
+    per_frame = frame_emb.new_zeros(*mask.shape, frame_emb.shape[-1])
+    per_frame[mask] = frame_emb
+    return per_frame
+
+
 def sample_clip(mask: Tensor, num_frames: int) -> FrameWindows:
     """One clip of `num_frames` per video, for models with a fixed clip length and no mask.
 

@@ -30,7 +30,8 @@ from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
 
 from core.config import TeacherConfig
-from core.teachers.base import DTYPES, Teacher, check_texts, check_video_batch, l2_normalize, sample_clip
+from core.teachers.base import (DTYPES, Teacher, check_texts, check_video_batch, l2_normalize, sample_clip,
+                                scatter_real_frames)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,9 +79,7 @@ class InternVideo2Teacher(Teacher):
         video_emb = l2_normalize(self.model.get_vid_feat(clip.gather(pixels)).flatten(1))
         real = pixels[mask.to(pixels.device)]  # [N,3,S,S]
         frame_emb = l2_normalize(self.model.get_vid_feat(real[:, None]).flatten(1))
-        per_frame = frame_emb.new_zeros(*mask.shape, frame_emb.shape[-1])
-        per_frame[mask.to(per_frame.device)] = frame_emb
-        return video_emb, per_frame
+        return video_emb, scatter_real_frames(frame_emb, mask)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:

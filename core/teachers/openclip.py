@@ -19,7 +19,8 @@ from torch import Tensor
 
 from core.config import TeacherConfig
 from core.modelzoo import create_clip
-from core.teachers.base import DTYPES, Teacher, check_texts, check_video_batch, l2_normalize
+from core.teachers.base import (DTYPES, Teacher, check_texts, check_video_batch, l2_normalize,
+                                scatter_real_frames)
 
 
 class OpenClipTeacher(Teacher):
@@ -54,9 +55,7 @@ class OpenClipTeacher(Teacher):
         frames, mask = check_video_batch(frames, mask)
         mask = mask.to(self.device)
         real = self.preprocess(frames.to(self.device)[mask])  # [N,3,S,S], real frames only
-        frame_emb = l2_normalize(self.model.encode_image(real))
-        per_frame = frame_emb.new_zeros(*mask.shape, frame_emb.shape[-1])
-        per_frame[mask] = frame_emb
+        per_frame = scatter_real_frames(l2_normalize(self.model.encode_image(real)), mask)
         video_emb = l2_normalize(per_frame.sum(dim=1) / mask.sum(dim=1, keepdim=True))
         return video_emb, per_frame
 
