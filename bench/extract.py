@@ -8,17 +8,22 @@ Measured in one run, on the same videos and the same teacher:
   the encoder's matrix products);
 - decode only and encode only, each on one core, per video: the stage costs;
 - ideal pipelined rate on C cores: C / (decode + encode seconds per video), every core busy
-  with useful work all the time;
+  with useful work all the time; with G GPUs, min(C / decode, G / encode seconds per video),
+  decoding on the cores while the GPUs encode;
 - the Ray Data pipeline of `jobs.extract` (decode tasks feeding a teacher actor pool), writing
-  a fresh table.
+  a fresh table: for the videos once and `--repeat` times, end to end (start-up included), and
+  the steady rate (extra videos over extra seconds, the fixed start-up cancelled);
+- on a GPU machine, the mean GPU utilisation (nvidia-smi) during the naive loop and the Ray run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -35,11 +40,18 @@ def naive(records, teacher, frames: int, size: int, batch: int) -> float:
     for i in range(0, len(records), batch):
         chunk = records[i : i + batch]
         decoded = [decode_video(r.path, frames, size) for r in chunk]
-        with torch.no_grad():
-            teacher.encode_video(torch.from_numpy(np.stack([d[0] for d in decoded])),
-                                 torch.from_numpy(np.stack([d[1] for d in decoded])))
-            teacher.encode_text([c for r in chunk for c in r.captions])
+        encode(teacher, decoded, chunk)
     return len(records) / (time.perf_counter() - start)
+
+
+def encode(teacher, decoded, chunk) -> None:
+    """One batch through the teacher, waiting for the device to finish (as the actors do when
+    they copy the embeddings back)."""
+    with torch.no_grad():
+        video_emb, _ = teacher.encode_video(torch.from_numpy(np.stack([d[0] for d in decoded])),
+                                            torch.from_numpy(np.stack([d[1] for d in decoded])))
+        text_emb = teacher.encode_text([c for r in chunk for c in r.captions])
+        video_emb.cpu(), text_emb.cpu()
 
 
 def stage_costs(records, teacher, frames: int, size: int, batch: int) -> tuple[float, float]:
@@ -50,12 +62,8 @@ def stage_costs(records, teacher, frames: int, size: int, batch: int) -> tuple[f
     decoded = [decode_video(r.path, frames, size) for r in records]
     decode_s = (time.perf_counter() - start) / len(records)
     start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(records), batch):
-            chunk = decoded[i : i + batch]
-            teacher.encode_video(torch.from_numpy(np.stack([d[0] for d in chunk])),
-                                 torch.from_numpy(np.stack([d[1] for d in chunk])))
-            teacher.encode_text([c for r in records[i : i + batch] for c in r.captions])
+    for i in range(0, len(records), batch):
+        encode(teacher, decoded[i : i + batch], records[i : i + batch])
     encode_s = (time.perf_counter() - start) / len(records)
     torch.set_num_threads(threads)
     return decode_s, encode_s
@@ -71,6 +79,26 @@ def ray_pipeline(cfg: VidkdConfig, records) -> float:
     return time.perf_counter() - start
 
 
+@contextmanager
+def gpu_utilisation():
+    """Samples nvidia-smi every 100 ms while the block runs; yields a dict that gets the mean
+    utilisation (%) of the GPUs in use, and the peak memory, when the block ends."""
+    result: dict[str, float] = {}
+    if not torch.cuda.is_available():
+        yield result
+        return
+    query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "100"]
+    sampler = subprocess.Popen(query, stdout=subprocess.PIPE, text=True)
+    try:
+        yield result
+    finally:
+        sampler.terminate()
+        samples = [[float(v) for v in line.split(",")] for line in sampler.communicate()[0].splitlines() if line]
+        if samples:
+            result["util_pct"] = float(np.mean([u for u, _ in samples]))
+            result["memory_mib"] = max(m for _, m in samples)
+
+
 def repeated(records, times: int):
     """The same videos under new ids: a longer input with the same per-video costs."""
     return [replace(r, video_id=f"{r.video_id}-r{k}") for k in range(times) for r in records]
@@ -79,27 +107,35 @@ def repeated(records, times: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True)
-    parser.add_argument("--teacher", default="vidkd-vit-small")
+    parser.add_argument("--teacher", default="vidkd-vit-small", help="an open_clip model name (or one of core/models)")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint (default: random init)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--videos", type=int, default=200)
-    parser.add_argument("--repeat", type=int, default=4, help="the long Ray run: the videos this many times")
-    parser.add_argument("--actors", type=int, default=None, help="teacher actors (default: one per CPU)")
+    parser.add_argument("--repeat", type=int, default=5, help="the long Ray run: the videos this many times")
+    parser.add_argument("--actors", type=int, default=None, help="teacher actors (default: one per GPU, else per CPU)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
+    gpus = torch.cuda.device_count()
+    device = "cuda" if gpus else "cpu"
 
     records = read_manifest(args.manifest)[: args.videos]
+    teacher_cfg = {"kind": "open_clip", "name": args.teacher, "pretrained": args.pretrained}
     torch.manual_seed(0)
-    teacher = build_teacher(TeacherConfig(kind="open_clip", name=args.teacher))
+    teacher = build_teacher(TeacherConfig(**teacher_cfg), device=device)
     naive(records[: args.batch], teacher, args.frames, args.size, args.batch)  # warm-up
-    naive_rate = naive(records, teacher, args.frames, args.size, args.batch)
+    with gpu_utilisation() as naive_gpu:
+        naive_rate = naive(records, teacher, args.frames, args.size, args.batch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     naive_1t = naive(records, teacher, args.frames, args.size, args.batch)
     torch.set_num_threads(threads)
     decode_s, encode_s = stage_costs(records, teacher, args.frames, args.size, args.batch)
-    ideal = cores / (decode_s + encode_s)
+    ideal = min(cores / decode_s, gpus / encode_s) if gpus else cores / (decode_s + encode_s)
+    del teacher
+    if gpus:
+        torch.cuda.empty_cache()
 
     from core.config import RayConfig
     from jobs.runtime import init_ray
@@ -107,32 +143,39 @@ def main() -> None:
     init_ray(RayConfig(num_cpus=cores))
     with tempfile.TemporaryDirectory() as cache:
         cfg = config_from_dict({
-            "extract": {"teacher": {"kind": "open_clip", "name": args.teacher}, "num_frames": args.frames,
-                        "image_size": args.size, "cache_dir": cache, "decode_batch_size": args.batch,
-                        "encode_batch_size": args.batch, "num_actors": args.actors},
+            "extract": {"teacher": teacher_cfg, "num_frames": args.frames, "image_size": args.size,
+                        "cache_dir": cache, "decode_batch_size": args.batch, "encode_batch_size": args.batch,
+                        "num_actors": args.actors},
         })
         ray_pipeline(cfg, records[: args.batch * 2])  # warm-up: workers start, imports load
         seconds = {}
         for times in (1, args.repeat):
             cfg = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"cache_dir": f"{cache}/{times}"})})
-            seconds[times] = ray_pipeline(cfg, repeated(records, times))
+            with gpu_utilisation() as ray_gpu:
+                seconds[times] = ray_pipeline(cfg, repeated(records, times))
         ray_rate = len(records) / seconds[1]
         # The steady pipelined rate: extra videos over extra seconds, fixed start-up costs cancelled.
         steady = len(records) * (args.repeat - 1) / (seconds[args.repeat] - seconds[1])
         long_rate = len(records) * args.repeat / seconds[args.repeat]
 
-    print(f"{len(records)} videos, {args.frames} frames at {args.size}px, teacher {args.teacher}, {cores} cores")
+    unit = f"1 {device.upper()}" if gpus else "1 core"
+    print(f"{len(records)} videos, {args.frames} frames at {args.size}px, teacher {args.teacher}, "
+          f"{cores} cores, {gpus} GPUs")
     print("| measure | videos/s |\n|---|---|")
-    print(f"| decode only (1 core) | {1 / decode_s:.1f} |\n| encode only (1 core) | {1 / encode_s:.1f} |")
+    print(f"| decode only (1 core) | {1 / decode_s:.1f} |\n| encode only ({unit}) | {1 / encode_s:.1f} |")
     print(f"| naive loop (1 process, 1 thread) | {naive_1t:.1f} |")
     print(f"| naive loop (1 process, torch on {threads} threads) | {naive_rate:.1f} |")
-    print(f"| ideal pipelined ({cores} cores) | {ideal:.1f} |")
+    print(f"| ideal pipelined ({cores} cores{f', {gpus} GPUs' if gpus else ''}) | {ideal:.1f} |")
     print(f"| Ray Data pipeline, {len(records)} videos end to end | {ray_rate:.1f} |")
     print(f"| Ray Data pipeline, {len(records) * args.repeat} videos end to end | {long_rate:.1f} |")
     print(f"| Ray Data pipeline, steady rate (start-up cancelled) | {steady:.1f} |")
+    print(f"fixed start-up of a Ray run: {seconds[1] - len(records) / steady:.1f} s")
     for label, rate in ((f"{len(records) * args.repeat} videos", long_rate), ("steady", steady)):
         print(f"Ray ({label}) / naive 1 thread: {rate / naive_1t:.2f}x   / naive {threads} threads: "
               f"{rate / naive_rate:.2f}x   / ideal: {rate / ideal:.0%}")
+    if gpus:
+        print(f"GPU utilisation: naive loop {naive_gpu.get('util_pct', 0):.0f} %, Ray Data pipeline "
+              f"{ray_gpu.get('util_pct', 0):.0f} % (peak memory {ray_gpu.get('memory_mib', 0):.0f} MiB)")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ captions become rows of the failures table; the job finishes with the rest.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,19 +23,23 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from ray.data.expressions import col
+
 from core import features
 from core.config import ExtractConfig, TeacherConfig, VidkdConfig
 from core.datasets import VideoRecord, read_manifest
-from core.features import SCHEMA, TableMeta, to_bytes
+from core.features import SCHEMA, TableMeta, TableSink, to_bytes
 from core.teachers import build_teacher
 from core.teachers.base import hash_files
 from core.video import VideoDecodeError, decode_video
 from jobs.runtime import cluster_cpus, cluster_gpus, init_ray, want_gpu
-from jobs.tracking import RunLogger
+
+if TYPE_CHECKING:  # the workers that run this module's UDFs never import MLflow
+    from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.extract")
 CODE_VERSION = "vidkd-extract/1"
-_DECODED = pa.schema(list(SCHEMA) + [pa.field("error", pa.string())])
+_DECODED = pa.schema(list(SCHEMA) + [pa.field(TableSink.ERROR, pa.string())])
 
 
 class ExtractError(RuntimeError):
@@ -47,7 +52,7 @@ class ExtractResult:
     meta: TableMeta
     failures: list[dict[str, str]]
     cache_hit: bool
-    dataset: Any = None  # the materialized ray Dataset of good rows (None on a cache hit)
+    dataset: Any = None  # the good rows, a view of the blocks kept in the object store (None on a cache hit)
     seconds: float = 0.0
 
     @property
@@ -70,13 +75,13 @@ def decode_rows(batch: pa.Table, num_frames: int, image_size: int) -> pa.Table:
             "teacher_frame_emb": None,
             "teacher_video_emb": None,
             "teacher_text_emb": None,
-            "error": None,
+            TableSink.ERROR: None,
         }
         try:
             frames, mask = decode_video(row["path"], num_frames, image_size, video_id=row["video_id"])
             out["frames"], out["frame_mask"] = to_bytes(frames, "uint8"), to_bytes(mask, "uint8")
         except VideoDecodeError as error:
-            out["error"] = f"{error.reason}: {error}"
+            out[TableSink.ERROR] = f"{error.reason}: {error}"
         rows.append(out)
     return pa.Table.from_pylist(rows, schema=_DECODED)
 
@@ -91,7 +96,7 @@ class TeacherEncoder:
         self.num_frames, self.image_size = num_frames, image_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = pc.is_null(batch["error"]).to_numpy(zero_copy_only=False)
+        ok = pc.is_null(batch[TableSink.ERROR]).to_numpy(zero_copy_only=False)
         if not ok.any():
             return batch
         good = batch.filter(pa.array(ok))
@@ -221,7 +226,6 @@ def _build_table(
         batch_size=ecfg.decode_batch_size,
         num_cpus=ecfg.decode_cpus,
     )
-    embed_dim = None
     if teacher.kind != "none":
         ds = ds.map_batches(
             TeacherEncoder,
@@ -237,32 +241,20 @@ def _build_table(
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )
-    decoded = ds.materialize()
+    decoded = ds.materialize()  # kept in the object store for a caller in this job
 
-    status = decoded.select_columns(["video_id", "split", "error"]).to_arrow_refs()
-    status = pa.concat_tables(ray.get(status))
-    for video_id, error in zip(status["video_id"].to_pylist(), status["error"].to_pylist()):
-        if error is not None:
-            reason, _, detail = error.partition(": ")
-            failures.append({"video_id": video_id, "reason": reason, "detail": detail})
-    good_mask = pc.is_null(status["error"])
-    if not pc.any(good_mask).as_py():
+    sink = TableSink(table_dir)  # one more pass: the Parquet files, and the failures split off
+    decoded.write_datasink(sink)
+    failures += sink.failures
+    if not sink.counts:
+        shutil.rmtree(table_dir, ignore_errors=True)
         raise ExtractError(f"every video failed to decode ({len(failures)} failures; first: {failures[0]})")
-    counts = {
-        split: int(pc.sum(pc.and_(good_mask, pc.equal(status["split"], split))).as_py() or 0)
-        for split in ("train", "val", "test")
-    }
-
-    good = decoded.map_batches(_drop_failed, batch_format="pyarrow", batch_size=None).materialize()
-    if teacher.kind != "none":
-        embed_dim = _embed_dim(good)
-    table_dir.mkdir(parents=True, exist_ok=True)
-    good.write_parquet(str(table_dir))
+    counts = {split: sink.counts.get(split, 0) for split in ("train", "val", "test")}
     meta = TableMeta(
         num_frames=ecfg.num_frames,
         image_size=ecfg.image_size,
         teacher=identity,
-        embed_dim=embed_dim,
+        embed_dim=sink.embed_dim,
         cache_key=key,
         code_version=CODE_VERSION,
         counts=counts,
@@ -272,16 +264,8 @@ def _build_table(
     log.warning(
         "extract: wrote %d videos (%d failures) to %s in %.1fs", sum(counts.values()), len(failures), table_dir, seconds
     )
+    good = decoded.filter(expr=col(TableSink.ERROR).is_null()).drop_columns([TableSink.ERROR])
     return ExtractResult(table_dir, meta, failures, cache_hit=False, dataset=good, seconds=seconds)
-
-
-def _drop_failed(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch["error"])).drop_columns(["error"])
-
-
-def _embed_dim(ds: Any) -> int:
-    row = ds.take(1)[0]
-    return len(row["teacher_video_emb"]) // 2  # float16
 
 
 def _log_result(logger: RunLogger, result: ExtractResult) -> None:

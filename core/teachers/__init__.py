@@ -10,30 +10,33 @@ See docs/teachers.md for what each kind loads and how it pools.
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from core.config import TeacherConfig
 from core.teachers.base import Teacher
-from core.teachers.internvideo2 import InternVideo2Teacher
-from core.teachers.openclip import OpenClipTeacher
-from core.teachers.vidkd import VidkdTeacher
-from core.teachers.xclip import XClipTeacher
 
-TEACHERS: dict[str, type[Teacher]] = {
-    "open_clip": OpenClipTeacher,
-    "xclip": XClipTeacher,
-    "internvideo2": InternVideo2Teacher,
-    "vidkd": VidkdTeacher,
+# kind -> "module:class". An adapter's module is imported when that kind is built, so a worker
+# that runs one open_clip teacher does not pay for importing transformers (seconds per actor).
+TEACHERS: dict[str, str] = {
+    "open_clip": "core.teachers.openclip:OpenClipTeacher",
+    "xclip": "core.teachers.xclip:XClipTeacher",
+    "internvideo2": "core.teachers.internvideo2:InternVideo2Teacher",
+    "vidkd": "core.teachers.vidkd:VidkdTeacher",
 }
+
+
+def teacher_class(kind: str) -> type[Teacher]:
+    if kind not in TEACHERS:
+        raise ValueError(f"unknown teacher kind {kind!r}; known: {', '.join(TEACHERS)}")
+    module, name = TEACHERS[kind].split(":")
+    return getattr(import_module(module), name)
 
 
 def build_teacher(cfg: TeacherConfig, device: str = "cpu") -> Teacher:
     """The teacher `cfg` names, in eval mode on `device`. Kind "none" has no teacher: an error."""
     if cfg.kind == "none":
         raise ValueError("teacher.kind is none: there is no teacher to build (extract frames only)")
-    if cfg.kind not in TEACHERS:
-        raise ValueError(f"unknown teacher kind {cfg.kind!r}; known: {', '.join(TEACHERS)}")
-    return TEACHERS[cfg.kind].from_config(cfg, device)
+    return teacher_class(cfg.kind).from_config(cfg, device)
 
 
-__all__ = [
-    "TEACHERS", "Teacher", "build_teacher", "OpenClipTeacher", "XClipTeacher", "InternVideo2Teacher", "VidkdTeacher",
-]
+__all__ = ["TEACHERS", "Teacher", "build_teacher", "teacher_class"]
