@@ -2,7 +2,8 @@
 
     python bench/extract.py --manifest data/synth/manifest.jsonl [--teacher vidkd-vit-small --frames 8 --size 64]
 
-Measured in one run, on the same videos and the same teacher:
+Measured in one run, on the same videos and the same teacher, in `--rounds` rounds of every
+measurement side by side (medians reported):
 - naive: one process, decode a batch of videos, encode it, repeat; once on one thread, once
   with torch's intra-op threads on every core (which already overlaps nothing but parallelises
   the encoder's matrix products);
@@ -104,6 +105,36 @@ def repeated(records, times: int):
     return [replace(r, video_id=f"{r.video_id}-r{k}") for k in range(times) for r in records]
 
 
+def measure_round(args, records, teacher, cfg, cores: int, gpus: int) -> dict[str, float]:
+    """One round of every measurement, side by side: the naive loops, the stage costs, and the
+    Ray pipeline on the videos once and `--repeat` times."""
+    m: dict[str, float] = {}
+    with gpu_utilisation() as naive_gpu:
+        m["naive"] = naive(records, teacher, args.frames, args.size, args.batch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    m["naive_1t"] = naive(records, teacher, args.frames, args.size, args.batch)
+    torch.set_num_threads(threads)
+    decode_s, encode_s = stage_costs(records, teacher, args.frames, args.size, args.batch)
+    m["decode"], m["encode"] = 1 / decode_s, 1 / encode_s
+    m["ideal"] = min(cores / decode_s, gpus / encode_s) if gpus else cores / (decode_s + encode_s)
+    seconds = {}
+    for times in (1, args.repeat):
+        run_cfg = cfg.model_copy(update={"extract": cfg.extract.model_copy(
+            update={"cache_dir": f"{cfg.extract.cache_dir}/{time.monotonic_ns()}"})})
+        with gpu_utilisation() as ray_gpu:
+            seconds[times] = ray_pipeline(run_cfg, repeated(records, times))
+    m["ray"] = len(records) / seconds[1]
+    m["ray_long"] = len(records) * args.repeat / seconds[args.repeat]
+    # The steady pipelined rate: extra videos over extra seconds, fixed start-up costs cancelled.
+    m["steady"] = len(records) * (args.repeat - 1) / (seconds[args.repeat] - seconds[1])
+    m["startup_s"] = seconds[1] - len(records) / m["steady"]
+    for name, gpu in (("naive", naive_gpu), ("ray", ray_gpu)):
+        if gpu:
+            m[f"{name}_gpu_util"], m[f"{name}_gpu_mib"] = gpu["util_pct"], gpu["memory_mib"]
+    return m
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True)
@@ -114,28 +145,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--videos", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5, help="the long Ray run: the videos this many times")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all measurements; medians are reported")
     parser.add_argument("--actors", type=int, default=None, help="teacher actors (default: one per GPU, else per CPU)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count()
     device = "cuda" if gpus else "cpu"
+    threads = torch.get_num_threads()
 
     records = read_manifest(args.manifest)[: args.videos]
     teacher_cfg = {"kind": "open_clip", "name": args.teacher, "pretrained": args.pretrained}
     torch.manual_seed(0)
     teacher = build_teacher(TeacherConfig(**teacher_cfg), device=device)
     naive(records[: args.batch], teacher, args.frames, args.size, args.batch)  # warm-up
-    with gpu_utilisation() as naive_gpu:
-        naive_rate = naive(records, teacher, args.frames, args.size, args.batch)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    naive_1t = naive(records, teacher, args.frames, args.size, args.batch)
-    torch.set_num_threads(threads)
-    decode_s, encode_s = stage_costs(records, teacher, args.frames, args.size, args.batch)
-    ideal = min(cores / decode_s, gpus / encode_s) if gpus else cores / (decode_s + encode_s)
-    del teacher
-    if gpus:
-        torch.cuda.empty_cache()
 
     from core.config import RayConfig
     from jobs.runtime import init_ray
@@ -148,34 +170,35 @@ def main() -> None:
                         "num_actors": args.actors},
         })
         ray_pipeline(cfg, records[: args.batch * 2])  # warm-up: workers start, imports load
-        seconds = {}
-        for times in (1, args.repeat):
-            cfg = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"cache_dir": f"{cache}/{times}"})})
-            with gpu_utilisation() as ray_gpu:
-                seconds[times] = ray_pipeline(cfg, repeated(records, times))
-        ray_rate = len(records) / seconds[1]
-        # The steady pipelined rate: extra videos over extra seconds, fixed start-up costs cancelled.
-        steady = len(records) * (args.repeat - 1) / (seconds[args.repeat] - seconds[1])
-        long_rate = len(records) * args.repeat / seconds[args.repeat]
+        rounds = [measure_round(args, records, teacher, cfg, cores, gpus) for _ in range(args.rounds)]
 
-    unit = f"1 {device.upper()}" if gpus else "1 core"
+    def med(key: str) -> float:
+        return float(np.median([r[key] for r in rounds]))
+
+    def ratios(key: str) -> str:
+        per_round = [f"{r[key] / r['naive_1t']:.2f}x/{r[key] / r['ideal']:.0%}" for r in rounds]
+        return (f"naive 1 thread {np.median([r[key] / r['naive_1t'] for r in rounds]):.2f}x, "
+                f"naive {threads} threads {np.median([r[key] / r['naive'] for r in rounds]):.2f}x, "
+                f"ideal {np.median([r[key] / r['ideal'] for r in rounds]):.0%}  (rounds: {', '.join(per_round)})")
+
+    unit = "1 GPU" if gpus else "1 core"
+    long_n = len(records) * args.repeat
     print(f"{len(records)} videos, {args.frames} frames at {args.size}px, teacher {args.teacher}, "
-          f"{cores} cores, {gpus} GPUs")
+          f"{cores} cores, {gpus} GPUs; medians of {args.rounds} rounds")
     print("| measure | videos/s |\n|---|---|")
-    print(f"| decode only (1 core) | {1 / decode_s:.1f} |\n| encode only ({unit}) | {1 / encode_s:.1f} |")
-    print(f"| naive loop (1 process, 1 thread) | {naive_1t:.1f} |")
-    print(f"| naive loop (1 process, torch on {threads} threads) | {naive_rate:.1f} |")
-    print(f"| ideal pipelined ({cores} cores{f', {gpus} GPUs' if gpus else ''}) | {ideal:.1f} |")
-    print(f"| Ray Data pipeline, {len(records)} videos end to end | {ray_rate:.1f} |")
-    print(f"| Ray Data pipeline, {len(records) * args.repeat} videos end to end | {long_rate:.1f} |")
-    print(f"| Ray Data pipeline, steady rate (start-up cancelled) | {steady:.1f} |")
-    print(f"fixed start-up of a Ray run: {seconds[1] - len(records) / steady:.1f} s")
-    for label, rate in ((f"{len(records) * args.repeat} videos", long_rate), ("steady", steady)):
-        print(f"Ray ({label}) / naive 1 thread: {rate / naive_1t:.2f}x   / naive {threads} threads: "
-              f"{rate / naive_rate:.2f}x   / ideal: {rate / ideal:.0%}")
+    print(f"| decode only (1 core) | {med('decode'):.1f} |\n| encode only ({unit}) | {med('encode'):.1f} |")
+    print(f"| naive loop (1 process, 1 thread) | {med('naive_1t'):.1f} |")
+    print(f"| naive loop (1 process, torch on {threads} threads) | {med('naive'):.1f} |")
+    print(f"| ideal pipelined ({cores} cores{f', {gpus} GPUs' if gpus else ''}) | {med('ideal'):.1f} |")
+    print(f"| Ray Data pipeline, {len(records)} videos end to end | {med('ray'):.1f} |")
+    print(f"| Ray Data pipeline, {long_n} videos end to end | {med('ray_long'):.1f} |")
+    print(f"| Ray Data pipeline, steady rate (start-up cancelled) | {med('steady'):.1f} |")
+    print(f"fixed start-up of a Ray run: {med('startup_s'):.1f} s")
+    print(f"Ray ({long_n} videos) against " + ratios("ray_long"))
+    print("Ray (steady) against " + ratios("steady"))
     if gpus:
-        print(f"GPU utilisation: naive loop {naive_gpu.get('util_pct', 0):.0f} %, Ray Data pipeline "
-              f"{ray_gpu.get('util_pct', 0):.0f} % (peak memory {ray_gpu.get('memory_mib', 0):.0f} MiB)")
+        print(f"GPU utilisation: naive loop {med('naive_gpu_util'):.0f} %, Ray Data pipeline "
+              f"{med('ray_gpu_util'):.0f} % (peak memory {med('ray_gpu_mib'):.0f} MiB)")
 
 
 if __name__ == "__main__":
