@@ -12,9 +12,8 @@ from pathlib import Path
 
 import open_clip
 
-# open_clip logs every step of every model creation at INFO; in a Ray job that is one block of
-# lines per worker per restart. Warnings still come through.
-logging.getLogger("open_clip").setLevel(logging.WARNING)
+# open_clip logs every step of a model creation at INFO, on the root logger: the Ray workers run
+# at WARNING (jobs.runtime.init_ray), so only its warnings come through there.
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "models"
 _registered = False
@@ -34,5 +33,17 @@ def create_clip(name: str, pretrained: str | None = None, device: str = "cpu"):
         raise ValueError(f"unknown open_clip model {name!r}")
     if pretrained and not Path(pretrained).exists() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
         raise ValueError(f"{name!r} has no pretrained tag or local file {pretrained!r}")
-    model = open_clip.create_model(name, pretrained=pretrained, device=device)
+    if pretrained:
+        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+    else:  # random init is what was asked for (weights come from our checkpoint, or none): no warning
+        root = logging.getLogger()
+        root.addFilter(_no_random_init_warning)
+        try:
+            model = open_clip.create_model(name, device=device)
+        finally:
+            root.removeFilter(_no_random_init_warning)
     return model, open_clip.get_tokenizer(name)
+
+
+def _no_random_init_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No pretrained weights loaded")

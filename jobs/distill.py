@@ -25,6 +25,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import LoggingConfig as TrainLoggingConfig
 from ray.train.torch import TorchTrainer
 
 from core.config import DistillConfig, TeacherConfig, VidkdConfig
@@ -198,7 +199,7 @@ def train_loop(config: dict) -> None:
             steps += 1
         metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
         metrics.update(epoch=epoch, lr=scheduler.get_last_lr()[0], epoch_time_s=time.perf_counter() - epoch_start,
-                       logit_scale=float(student.logit_scale))
+                       logit_scale=float(student.logit_scale.detach()))
         if first_step_at:
             metrics[FIRST_STEP_KEY] = first_step_at
 
@@ -316,6 +317,7 @@ def run_distill(
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=TARGET_METRIC,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=distill.max_failures),
+            logging_config=TrainLoggingConfig(log_level="WARNING"),  # no line per checkpoint saved
         ),
     )
     result = trainer.fit()

@@ -22,16 +22,20 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Workers log at WARNING, as the driver does: no INFO lines from libraries (open_clip's
+    # model-building steps) in every worker; the stages report their progress at WARNING.
+    logging_config = ray.LoggingConfig(encoding="TEXT", log_level="WARNING")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_config=logging_config)
         return
     ray.init(
         num_cpus=cfg.num_cpus,
-        include_dashboard=False,
+        include_dashboard=True,  # Ray Train polls the state API (served by the dashboard) for its clean-up
         dashboard_host="127.0.0.1",
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
+        logging_config=logging_config,
     )
 
 
