@@ -57,17 +57,26 @@ def encode(teacher, decoded, chunk) -> None:
 
 def stage_costs(records, teacher, frames: int, size: int, batch: int) -> tuple[float, float]:
     """Seconds per video of decoding and of encoding, each on one core."""
+    with one_thread():
+        start = time.perf_counter()
+        decoded = [decode_video(r.path, frames, size) for r in records]
+        decode_s = (time.perf_counter() - start) / len(records)
+        start = time.perf_counter()
+        for i in range(0, len(records), batch):
+            encode(teacher, decoded[i : i + batch], records[i : i + batch])
+        encode_s = (time.perf_counter() - start) / len(records)
+    return decode_s, encode_s
+
+
+@contextmanager
+def one_thread():
+    """torch's intra-op work on one thread inside the block."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    start = time.perf_counter()
-    decoded = [decode_video(r.path, frames, size) for r in records]
-    decode_s = (time.perf_counter() - start) / len(records)
-    start = time.perf_counter()
-    for i in range(0, len(records), batch):
-        encode(teacher, decoded[i : i + batch], records[i : i + batch])
-    encode_s = (time.perf_counter() - start) / len(records)
-    torch.set_num_threads(threads)
-    return decode_s, encode_s
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ray_pipeline(cfg: VidkdConfig, records) -> float:
@@ -111,10 +120,8 @@ def measure_round(args, records, teacher, cfg, cores: int, gpus: int) -> dict[st
     m: dict[str, float] = {}
     with gpu_utilisation() as naive_gpu:
         m["naive"] = naive(records, teacher, args.frames, args.size, args.batch)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    m["naive_1t"] = naive(records, teacher, args.frames, args.size, args.batch)
-    torch.set_num_threads(threads)
+    with one_thread():
+        m["naive_1t"] = naive(records, teacher, args.frames, args.size, args.batch)
     decode_s, encode_s = stage_costs(records, teacher, args.frames, args.size, args.batch)
     m["decode"], m["encode"] = 1 / decode_s, 1 / encode_s
     m["ideal"] = min(cores / decode_s, gpus / encode_s) if gpus else cores / (decode_s + encode_s)

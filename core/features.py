@@ -174,19 +174,20 @@ class TableSink(Datasink):
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
             failed = pc.is_valid(table[self.ERROR])
-            for video_id, error in zip(table["video_id"].to_pylist(), table[self.ERROR].to_pylist()):
-                if error is not None:
-                    reason, _, detail = error.partition(": ")
-                    failures.append({"video_id": video_id, "reason": reason, "detail": detail})
+            bad = table.filter(failed)
+            for video_id, error in zip(bad["video_id"].to_pylist(), bad[self.ERROR].to_pylist()):
+                reason, _, detail = error.partition(": ")
+                failures.append({"video_id": video_id, "reason": reason, "detail": detail})
             good = table.filter(pc.invert(failed)).drop_columns([self.ERROR])
+            if not good.num_rows:
+                continue
             for split in good["split"].to_pylist():
                 counts[split] = counts.get(split, 0) + 1
-            if good.num_rows and good["teacher_video_emb"].null_count < good.num_rows:
+            if good["teacher_video_emb"].null_count < good.num_rows:
                 embed_dim = len(pc.drop_null(good["teacher_video_emb"])[0].as_py()) // 2  # float16
             parts.append(good)
-        rows = pa.concat_tables(parts) if parts else None
-        if rows is not None and rows.num_rows:
-            pq.write_table(rows, Path(self.table_dir) / f"part-{ctx.task_idx:06d}.parquet")
+        if parts:
+            pq.write_table(pa.concat_tables(parts), Path(self.table_dir) / f"part-{ctx.task_idx:06d}.parquet")
         return {"failures": failures, "counts": counts, "embed_dim": embed_dim}
 
     def on_write_complete(self, write_result: Any) -> None:

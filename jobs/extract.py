@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-
 from ray.data.expressions import col
 
 from core import features

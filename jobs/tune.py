@@ -76,10 +76,7 @@ def apply_params(base: DistillConfig, params: dict[str, float]) -> DistillConfig
     """A distill config with dotted keys (`loss.tau_video`) set from a trial's sample."""
     data = base.model_dump(mode="json")
     for key, value in params.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
+        node, leaf = _slot(data, key)
         node[leaf] = value
     return DistillConfig.model_validate(data)
 
@@ -90,11 +87,17 @@ def default_point(cfg: VidkdConfig) -> dict[str, float]:
     data = cfg.distill.model_dump(mode="json")
     point = {}
     for key, dim in cfg.tune.space.items():
-        node = data
-        for part in key.split("."):
-            node = node[part]
-        point[key] = min(max(float(node), dim.low), dim.high)
+        node, leaf = _slot(data, key)
+        point[key] = min(max(float(node[leaf]), dim.low), dim.high)
     return point
+
+
+def _slot(data: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+    """Where a dotted key (`loss.tau_video`) lives in a dumped config: (parent mapping, leaf name)."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        data = data[part]
+    return data, leaf
 
 
 def search_space(cfg: VidkdConfig) -> dict[str, Any]:
