@@ -43,16 +43,17 @@ class TeacherBatch:
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate `x` from every worker along dim 0, keeping gradients to every worker's slice.
 
-    torch.distributed.nn's all_gather sums the incoming gradients across workers in backward;
+    The autograd all-gather reduce-scatters (sums) the incoming gradients across workers in backward;
     with every worker computing the same global loss and DDP averaging parameter gradients, the
     result is exactly the gradient of the global loss. Identity outside a multi-worker group.
     Every worker must pass the same shape: drop the last partial batch.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    # torch.distributed.nn.functional.all_gather is deprecated and names this one as its successor
+    from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return wait_tensor(all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD))
 
 
 def similarity(video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float) -> Tensor:

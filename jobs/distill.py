@@ -198,7 +198,8 @@ def train_loop(config: dict) -> None:
                 sums[name] = sums.get(name, 0.0) + float(value)
             steps += 1
         metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
-        metrics.update(epoch=epoch, lr=scheduler.get_last_lr()[0], epoch_time_s=time.perf_counter() - epoch_start,
+        metrics.update(epoch=epoch, step=scheduler.last_epoch,  # optimizer steps so far, across restarts
+                       lr=scheduler.get_last_lr()[0], epoch_time_s=time.perf_counter() - epoch_start,
                        logit_scale=float(student.logit_scale.detach()))
         if first_step_at:
             metrics[FIRST_STEP_KEY] = first_step_at

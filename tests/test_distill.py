@@ -6,9 +6,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.student import load_student
-from jobs.distill import run_distill
+from core.training import warmup_cosine
+from jobs.distill import STATE_FILE, run_distill
 from jobs.extract import run_extract
 from jobs.tracking import RunLogger
 from tests.conftest import tiny_config
@@ -28,8 +30,18 @@ def test_two_workers_train_resume_after_failure_and_log_one_run(teacher_table, t
     assert spent() - before == set(), "each epoch's local checkpoint copy must go once reported"
     epochs = [h["epoch"] for h in result.history]
     assert epochs == [0, 1, 2, 3], f"resume must continue after the checkpointed epoch, got {epochs}"
-    losses = [h["train_loss"] for h in result.history]
-    assert losses[-1] < losses[0], losses
+    # The restart continues the same optimisation: step count, learning-rate schedule and AdamW
+    # state pick up where epoch 0's checkpoint left them. (Whether the loss falls over 12 steps of
+    # batch 8 is noise; tests/test_student.py shows the objective being learned.)
+    per_epoch = result.history[0]["step"]
+    total = per_epoch * distill.epochs
+    assert per_epoch > 0 and [h["step"] for h in result.history] == [per_epoch * (e + 1) for e in epochs]
+    warmup = int(distill.warmup_frac * total)
+    expected_lr = [distill.lr * warmup_cosine(per_epoch * (e + 1), total, warmup) for e in epochs]
+    assert [h["lr"] for h in result.history] == pytest.approx(expected_lr, abs=1e-9)
+    states = [torch.load(p, weights_only=True) for p in Path(distill.storage_dir).rglob(STATE_FILE)]
+    last = max(states, key=lambda s: s["epoch"])
+    assert last["epoch"] == 3 and {int(p["step"]) for p in last["optimizer"]["state"].values()} == {total}
     for term in ("train_infonce", "train_cgt", "train_fgt"):
         assert term in result.history[0]
 
