@@ -48,6 +48,8 @@ def submit_cmd(
 ) -> None:
     """Submit a stage or the whole pipeline as a Ray job, with this project as its working dir."""
     try:
+        for line in jobsub.job_local_outputs(str(config) if config else None, set_ or [], tracking_uri):
+            typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
         job_id = jobsub.submit(address, stage, str(config) if config else None, set_ or [], tracking_uri=tracking_uri)
     except (ValueError, FileNotFoundError) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)

@@ -50,6 +50,23 @@ def entrypoint(stage: str, config: str | None, overrides: list[str], extra: list
     return shlex.join(parts + list(extra))
 
 
+def job_local_outputs(config: str | None, overrides: list[str] | None = None,
+                      tracking_uri: str | None = None) -> list[str]:
+    """What a submitted job would keep inside its Ray working directory, a temporary copy on the
+    node that runs the driver: relative output paths, and MLflow without a tracking URI. One line each."""
+    from core.config import load_config
+
+    cfg = load_config(config, overrides)
+    paths = {"output_dir": cfg.output_dir, "extract.cache_dir": cfg.extract.cache_dir,
+             "distill.storage_dir": cfg.distill.storage_dir, "tune.storage_dir": cfg.tune.storage_dir}
+    found = [f"{key} {value!r} is relative: it lands in the job's temporary working directory"
+             for key, value in paths.items() if not Path(value).is_absolute()]
+    if not (tracking_uri or cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        found.append("no MLflow tracking URI (--tracking-uri, tracking.uri or $MLFLOW_TRACKING_URI): "
+                     "the job logs to a SQLite file in its working directory")
+    return found
+
+
 def submit(address: str, stage: str, config: str | None = None, overrides: list[str] | None = None,
            extra: list[str] | None = None, tracking_uri: str | None = None, working_dir: Path = PROJECT_ROOT,
            pip: list[str] | None = None) -> str:

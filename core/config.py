@@ -6,11 +6,18 @@ starts. `load_config` turns pydantic's report into one line that names the field
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+def digest(parts: Any, length: int = 16) -> str:
+    """A short content hash of JSON-able `parts` (configs, keys): the same parts, the same name."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 class ConfigError(ValueError):

@@ -144,11 +144,16 @@ def read_failures(table_dir: str | Path) -> list[dict[str, str]]:
     return json.loads((Path(table_dir) / FAILURES_FILE).read_text())
 
 
-def read_table(table_dir: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """The table (or one split of it) as a pyarrow Table, read directly without Ray."""
+def read_table(table_dir: str | Path, split: str | None = None, columns: list[str] | None = None,
+               video_ids: Sequence[str] | None = None) -> pa.Table:
+    """The table (or one split, or some videos of it) as a pyarrow Table, read directly without
+    Ray; rows are filtered while the files are scanned, so only the selected rows are held."""
     read_meta(table_dir)  # refuses partial tables
-    filters = [("split", "=", split)] if split else None
-    return pq.read_table(table_dir, columns=columns, filters=filters)
+    keep = pc.field("split") == split if split else None
+    if video_ids is not None:
+        wanted = pc.field("video_id").isin(pa.array(list(video_ids), pa.string()))
+        keep = wanted if keep is None else keep & wanted
+    return pq.read_table(table_dir, columns=columns, filters=keep)
 
 
 class TableSink(Datasink):

@@ -147,7 +147,7 @@ def train_loop(config: dict) -> None:
     student.to(device)
     optimizer = torch.optim.AdamW(student.param_groups(cfg.lr, cfg.lr_new, cfg.weight_decay))
 
-    per_worker_batch = max(2, cfg.batch_size // session.world_size)
+    per_worker_batch = worker_batch_size(cfg, session.world_size)
     steps_per_epoch = max(1, meta.counts.get("train", 0) // session.world_size // per_worker_batch)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_frac * total_steps)
@@ -265,6 +265,24 @@ class DistillResult:
     run_id: str | None
 
 
+def worker_batch_size(distill: DistillConfig, world_size: int) -> int:
+    """Each worker's share of the global batch (2 at least: a contrastive batch needs negatives)."""
+    return max(2, distill.batch_size // world_size)
+
+
+def check_table(meta: TableMeta, distill: DistillConfig, table_dir: str | Path) -> None:
+    """Refuse, before any worker starts, a table this training cannot use."""
+    if distill.teacher_mode == "cached" and not meta.has_teacher:
+        raise ValueError(f"{table_dir} holds no teacher embeddings: use distill.teacher_mode none or online")
+    need, have = worker_batch_size(distill, distill.num_workers) * distill.num_workers, meta.counts.get("train", 0)
+    if have < need:
+        raise ValueError(f"{table_dir} has {have} train videos; batch_size {distill.batch_size} on "
+                         f"{distill.num_workers} workers needs {need} for one step")
+    if not meta.counts.get("val"):
+        raise ValueError(f"{table_dir} has no val videos: checkpoints are chosen on val (data.synth.val_fraction, "
+                         "or val rows in the manifest)")
+
+
 def split_datasets(table: Any, meta: TableMeta) -> dict[str, Any]:
     """{"train", "val", "test"} Ray Datasets from a materialized dataset or a table directory."""
     if isinstance(table, (str, Path)):
@@ -289,8 +307,7 @@ def run_distill(
     init_ray(cfg.ray)
     distill = distill or cfg.distill
     meta = read_meta(table_dir)
-    if distill.teacher_mode == "cached" and not meta.has_teacher:
-        raise ValueError(f"{table_dir} holds no teacher embeddings: use distill.teacher_mode none or online")
+    check_table(meta, distill, table_dir)
     datasets = datasets or split_datasets(table_dir, meta)
     if logger:
         logger.log_params({"distill": distill.model_dump(mode="json"), "feature_table": str(table_dir)})

@@ -10,14 +10,13 @@ with a log line; `--from STAGE` re-runs that stage and the ones after it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from core.config import DistillConfig, TeacherConfig, VidkdConfig, dump_config
+from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest, dump_config
 from core.datasets import read_manifest, read_msrvtt
 from jobs.tracking import RunLogger
 
@@ -36,7 +35,7 @@ class StageCache:
     def run(self, stage: str, key_parts: Any, build: Callable[[], dict], check: Callable[[dict], bool] = lambda o: True,
             label: str | None = None) -> dict:
         label = label or stage
-        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = digest(key_parts)
         path = self.root / f"{label}-{key}.json"
         if stage not in self.forced and path.exists():
             outputs = json.loads(path.read_text())
@@ -126,7 +125,7 @@ def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
             def tune_build() -> dict:
                 run = parent.child("tune", {"vidkd.stage": "tune"})
                 with run.running():
-                    result = run_tune(cfg, table.table_dir, datasets, logger=run)
+                    result = run_tune(cfg, table.table_dir, datasets, logger=run, teacher=teacher)
                 return {"best_config": str(result.config_path), "best_params": result.best_params}
 
             tuned = cache.run("tune", [table.meta.cache_key, cfg.tune.model_dump(), cfg.distill.model_dump()],
@@ -199,7 +198,7 @@ def run_single_stage(stage: str, cfg: VidkdConfig, table: Path | None = None, re
         elif stage == "tune":
             from jobs.tune import run_tune
 
-            result = run_tune(cfg, table, logger=run, resume=resume)
+            result = run_tune(cfg, table, logger=run, resume=resume, teacher=teacher)
             print(f"best config: {result.config_path} (val R@1 {result.best_metric:.1f})")
         elif stage == "quantize":
             from jobs.quantize import run_quantize

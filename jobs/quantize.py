@@ -12,14 +12,14 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
-from core.config import StudentConfig, VidkdConfig
+from core.config import StudentConfig, VidkdConfig, digest
 from core.evaluation import evaluate_retrieval
-from core.features import FeatureBatch, TableMeta, arrow_to_columns, decode_batch, read_meta, read_table
+from core.features import FeatureBatch, TableMeta, arrow_to_columns, decode_batch, read_meta, read_table, stack_bytes
 from core.quant import load_quantized, quantize_visual, save_quantized, size_report
 from core.student import VideoTextStudent, build_student, load_student
 from core.video import normalize_frames
@@ -40,12 +40,22 @@ def table_batches(table_dir: str | Path, meta: TableMeta, split: str, batch_size
     return [decode_batch(arrow_to_columns(table.slice(i, batch_size)), meta) for i in range(0, table.num_rows, batch_size)]
 
 
-def calibration_images(batches: Iterable[FeatureBatch], student: VideoTextStudent, count: int, seed: int = 0) -> torch.Tensor:
-    """`count` real (unpadded) frames drawn evenly from the train videos, normalised as the
-    visual takes them: [N, 3, H, W]."""
-    frames = np.concatenate([b.frames[b.frame_mask.astype(bool)] for b in batches])
-    pick = np.random.default_rng(seed).permutation(len(frames))[:count]
-    images = torch.from_numpy(frames[np.sort(pick)])
+def calibration_images(table_dir: str | Path, meta: TableMeta, student: VideoTextStudent, count: int,
+                       seed: int = 0) -> torch.Tensor:
+    """`count` real (unpadded) frames drawn at random from the train videos, normalised as the
+    visual takes them: [N, 3, H, W]. Reads the frame masks of the split, then the frames of the
+    chosen videos only: a large train split never has to fit in memory."""
+    masks = read_table(table_dir, split="train", columns=["video_id", "frame_mask"])
+    ids = masks.column("video_id").to_pylist()
+    real = stack_bytes(masks.column("frame_mask").to_pylist(), "uint8", (meta.num_frames,)).astype(bool)
+    rows, slots = np.nonzero(real)
+    pick = np.sort(np.random.default_rng(seed).permutation(len(rows))[:count])
+    chosen = read_table(table_dir, split="train", columns=["video_id", "frames"],
+                        video_ids=sorted({ids[r] for r in rows[pick]}))
+    clip_shape = (meta.num_frames, meta.image_size, meta.image_size, 3)
+    clips = dict(zip(chosen.column("video_id").to_pylist(),
+                     stack_bytes(chosen.column("frames").to_pylist(), "uint8", clip_shape)))
+    images = torch.from_numpy(np.stack([clips[ids[r]][slot] for r, slot in zip(rows[pick], slots[pick])]))
     if images.shape[1] != student.image_size:
         images = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2).float(), size=student.image_size,
                                                  mode="bilinear", antialias=True).clamp(0, 255).to(torch.uint8)
@@ -80,7 +90,7 @@ def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = read_meta(table_dir)
     student = load_student(checkpoint).eval()
-    calib = calibration_images(table_batches(table_dir, meta, "train"), student, qcfg.calib_samples)
+    calib = calibration_images(table_dir, meta, student, qcfg.calib_samples)
     test = table_batches(table_dir, meta, "test")
     if logger:
         logger.log_params({"quantize": qcfg.model_dump(mode="json"), "checkpoint": str(checkpoint),
@@ -89,7 +99,8 @@ def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path
     results: dict[str, dict[str, float]] = {"fp32": evaluate_student(student.to(device), test, device)}
     sizes = {"fp32": size_report(student)}
     methods = ["gptq"] + (["rtn"] if qcfg.compare_rtn else [])
-    out_dir = Path(cfg.output_dir).resolve() / "models" / f"{Path(checkpoint).stem}-int{qcfg.bits}"
+    # one folder per student and settings: a re-run with other settings does not overwrite this one
+    out_dir = Path(cfg.output_dir).resolve() / "models" / f"{Path(checkpoint).stem}-int{qcfg.bits}-{digest(qcfg.model_dump(mode='json'), 8)}"
     layer_reports = {}
     for method in methods:
         model = copy.deepcopy(student).to(device)

@@ -10,8 +10,6 @@ stops weak trials on val R@1 per epoch; Optuna proposes the next ones.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,9 +24,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from core.config import DistillConfig, VidkdConfig, dump_config
+from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest, dump_config
 from core.features import read_meta
-from jobs.distill import FIRST_STEP_KEY, TARGET_METRIC, TuneSession, split_datasets, train_loop
+from jobs.distill import FIRST_STEP_KEY, TARGET_METRIC, TuneSession, check_table, split_datasets, train_loop
 from jobs.plots import metric_vs_params
 from jobs.runtime import cluster_cpus, init_ray
 from jobs.tracking import RunLogger
@@ -117,12 +115,10 @@ def scheduler(tcfg):
 
 def experiment_name(cfg: VidkdConfig, table_key: str) -> str:
     """Stable for the same table and search, so `--resume` finds the interrupted experiment."""
-    blob = json.dumps([table_key, cfg.tune.model_dump(mode="json"), cfg.distill.model_dump(mode="json")],
-                      sort_keys=True)
-    return "tune-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return "tune-" + digest([table_key, cfg.tune.model_dump(mode="json"), cfg.distill.model_dump(mode="json")], 12)
 
 
-def tune_trial(params: dict, *, base: dict, meta: dict, parent: RunLogger | None, workers: int,
+def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: RunLogger | None, workers: int,
                storage: str, datasets: dict) -> None:
     """One trial: a distill run with the sampled settings, logged as a child of the search."""
     distill = apply_params(DistillConfig.model_validate(base), params)
@@ -133,6 +129,7 @@ def tune_trial(params: dict, *, base: dict, meta: dict, parent: RunLogger | None
     loop_config = {
         "distill": distill.model_dump(mode="json"),
         "meta": meta,
+        "teacher": teacher,  # the online mode encodes with it
         "run_id": logger.run_id if logger else None,
         "tracking_uri": logger.uri if logger else None,
         "experiment_id": logger.experiment_id if logger else None,
@@ -157,15 +154,18 @@ def tune_trial(params: dict, *, base: dict, meta: dict, parent: RunLogger | None
 
 
 def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = None,
-             logger: RunLogger | None = None, resume: bool = False) -> TuneResult:
+             logger: RunLogger | None = None, resume: bool = False,
+             teacher: TeacherConfig | None = None) -> TuneResult:
+    """Search the distill settings of `cfg.tune.space`; `teacher` as in `run_distill`."""
     init_ray(cfg.ray)
     tcfg = cfg.tune
     meta = read_meta(table_dir)
-    datasets = datasets or split_datasets(table_dir, meta)
     base = cfg.distill.model_copy(update={"epochs": tcfg.max_epochs, "num_workers": tcfg.workers_per_trial,
                                           "cpus_per_worker": tcfg.cpus_per_worker})
     if tcfg.gpus_per_worker > 0:
         base = base.model_copy(update={"use_gpu": True})
+    check_table(meta, base, table_dir)
+    datasets = datasets or split_datasets(table_dir, meta)
     trial_resources = {"cpu": tcfg.cpus_per_worker, "gpu": tcfg.gpus_per_worker}
     if tcfg.workers_per_trial > 1:
         trial_resources = {"cpu": 0}  # the trial only drives a TorchTrainer, whose workers hold the resources
@@ -178,7 +178,8 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                            "experiment": name})
 
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, base=base.model_dump(mode="json"), meta=meta.__dict__, parent=logger,
+        tune.with_parameters(tune_trial, base=base.model_dump(mode="json"), meta=meta.__dict__,
+                             teacher=(teacher or cfg.extract.teacher).model_dump(), parent=logger,
                              workers=tcfg.workers_per_trial, storage=storage, datasets=datasets),
         trial_resources,
     )
@@ -203,7 +204,9 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                 num_samples=tcfg.num_samples,
                 max_concurrent_trials=max_concurrent,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[timing]),
+            # a trial resumes (ASHA) from its latest checkpoint only: keep no others
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[timing],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     grid = tuner.fit()
 

@@ -3,10 +3,14 @@
 import copy
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.autoscaler._private.util import fillout_defaults, validate_config
 
-CONFIG = Path(__file__).resolve().parent.parent / "ray_cluster.yaml"
+from cluster.submit import job_local_outputs
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "ray_cluster.yaml"
 
 
 def test_cluster_yaml_passes_ray_launcher_validation():
@@ -22,3 +26,16 @@ def test_cluster_yaml_passes_ray_launcher_validation():
     assert any("--head" in c and "--dashboard-host=127.0.0.1" in c for c in raw["head_start_ray_commands"])
     assert any("$RAY_HEAD_IP" in c for c in raw["worker_start_ray_commands"])
     assert "type: local" in CONFIG.read_text(), "the on-prem variant is documented in comments"
+
+
+def test_submit_names_what_would_stay_in_the_job_working_dir(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    found = job_local_outputs(str(ROOT / "configs/demo.yaml"))
+    assert "output_dir 'runs' is relative: it lands in the job's temporary working directory" in found
+    assert any(line.startswith("no MLflow tracking URI") for line in found) and len(found) == 5
+    # The real-scale preset keeps everything on shared storage; only MLflow is the user's to give.
+    assert job_local_outputs(str(ROOT / "configs/msrvtt.yaml"), tracking_uri="http://mlflow:5000") == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert len(job_local_outputs(str(ROOT / "configs/demo.yaml"))) == 4
+    with pytest.raises(ValueError, match="config file not found"):
+        job_local_outputs("nope.yaml")

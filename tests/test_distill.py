@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.config import DistillConfig
+from core.features import TableMeta
 from core.student import load_student
 from core.training import warmup_cosine
-from jobs.distill import STATE_FILE, run_distill
+from jobs.distill import STATE_FILE, check_table, run_distill
 from jobs.extract import run_extract
 from jobs.tracking import RunLogger
 from tests.conftest import tiny_config
@@ -84,3 +86,17 @@ def test_frames_only_table_refuses_cached_mode(ray_local, synth_dataset, tmp_pat
     table = run_extract(cfg)
     with pytest.raises(ValueError, match="holds no teacher embeddings"):
         run_distill(cfg, table.table_dir)
+
+
+@pytest.mark.parametrize("counts, distill, message", [
+    ({"train": 7, "val": 2}, {"batch_size": 8, "num_workers": 2}, "has 7 train videos; batch_size 8 on 2 workers needs 8"),
+    ({"train": 5, "val": 2}, {"batch_size": 2, "num_workers": 3}, "needs 6 for one step"),  # 2 per worker at least
+    ({"train": 40}, {}, "has no val videos"),
+])
+def test_a_table_too_small_for_the_run_is_refused_before_training(counts, distill, message):
+    meta = TableMeta(num_frames=4, image_size=32, teacher={"kind": "none"}, counts=counts)
+    config = DistillConfig(teacher_mode="none", loss={"objective": "none"}, **distill)
+    with pytest.raises(ValueError, match=message):
+        check_table(meta, config, "features/abc")
+    check_table(TableMeta(num_frames=4, image_size=32, teacher={"kind": "none"}, counts={"train": 8, "val": 1}),
+                DistillConfig(teacher_mode="none", loss={"objective": "none"}, batch_size=8), "features/abc")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 
+from core.features import read_meta, read_table
 from core.quant import read_quantize_config
 from core.student import load_student
-from jobs.quantize import load_quantized_student, run_quantize
+from core.video import normalize_frames
+from jobs.quantize import calibration_images, load_quantized_student, run_quantize, table_batches
 from jobs.tracking import RunLogger
 
 
@@ -51,3 +54,19 @@ def test_quantize_student_report_and_reload(teacher_table, plain_student, tmp_pa
     report = json.loads(client.download_artifacts(run.run_id, "quantization_report.json", str(tmp_path)) and
                         (tmp_path / "quantization_report.json").read_text())
     assert len(report["layers"]["gptq"]["layers"]) == 8
+
+
+def test_calibration_reads_only_the_chosen_videos_and_picks_real_frames(teacher_table, plain_student):
+    """The same frames as drawing from every real frame of the train split held in memory."""
+    cfg, table = teacher_table
+    student = load_student(plain_student[0])
+    meta = read_meta(table.table_dir)
+    images = calibration_images(table.table_dir, meta, student, count=10, seed=5)
+
+    batches = table_batches(table.table_dir, meta, "train")
+    every_real_frame = np.concatenate([b.frames[b.frame_mask.astype(bool)] for b in batches])
+    pick = np.sort(np.random.default_rng(5).permutation(len(every_real_frame))[:10])
+    expected = normalize_frames(torch.from_numpy(every_real_frame[pick]), student.mean, student.std)
+    assert images.shape == (10, 3, meta.image_size, meta.image_size)
+    torch.testing.assert_close(images, expected)
+    assert read_table(table.table_dir, split="train", columns=["video_id"], video_ids=["nope"]).num_rows == 0

@@ -30,6 +30,9 @@ def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_
     assert result.best_metric == max(t[TARGET_METRIC] for t in result.trials)
     assert result.trial_epochs <= 6 * 3
     assert result.startup_share is not None and 0 < result.startup_share < 1
+    trial_dirs = [d for d in (tmp_path / "tune").glob("tune-*/*") if d.is_dir()]
+    assert len(trial_dirs) == 6 and all(len(list(d.glob("checkpoint_*"))) == 1 for d in trial_dirs), \
+        "a trial keeps its latest checkpoint only"
 
     # The best config is a complete preset that `vidkd distill --config` takes as it is.
     best = load_config(result.config_path)
@@ -50,3 +53,15 @@ def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_
     assert {f"best.{k}" for k in result.best_params} <= set(tags)
     artifacts = {a.path for a in client.list_artifacts(parent.run_id)}
     assert {"best_config", "plots", "trials.json"} <= artifacts
+
+
+def test_search_with_the_online_teacher(teacher_table, tmp_path):
+    """Trials get the teacher the online mode encodes with, as a distill run does."""
+    cfg, table = teacher_table
+    cfg = cfg.model_copy(update={
+        "tune": TuneConfig(num_samples=1, max_epochs=1, workers_per_trial=1, storage_dir=str(tmp_path / "tune")),
+        "distill": cfg.distill.model_copy(update={"teacher_mode": "online"}),
+        "output_dir": str(tmp_path / "runs"),
+    })
+    result = run_tune(cfg, table.table_dir, teacher=cfg.extract.teacher)
+    assert len(result.trials) == 1 and result.trials[0]["epochs"] == 1
