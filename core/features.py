@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -40,6 +43,8 @@ SCHEMA_VERSION = 1
 META_FILE = "_vidkd_table.json"
 COMMIT_MARKER = "_COMMITTED"
 FAILURES_FILE = "_failures.json"
+STAGING_DIR = ".staging"  # under the cache dir: tables being written, one directory per job
+STALE_STAGING_S = 24 * 3600
 
 TEACHER_COLUMNS = ("teacher_frame_emb", "teacher_video_emb", "teacher_text_emb")
 SCHEMA = pa.schema(
@@ -116,21 +121,45 @@ def is_committed(table_dir: str | Path) -> bool:
 
 
 def prepare_table_dir(table_dir: str | Path) -> bool:
-    """True when a complete table is already there. A directory without the commit marker is
-    a partial write (a crash, a killed job): it is removed so the caller rebuilds it."""
+    """True when a complete table is already there. Tables are written in a staging directory
+    and moved into place whole, so a table directory without the commit marker can only be
+    left by hand or by an older vidkd: it is removed so the caller rebuilds it. Staging
+    directories of this key untouched for a day (killed jobs) are removed too."""
     table_dir = Path(table_dir)
     if is_committed(table_dir):
         return True
     if table_dir.exists():
         shutil.rmtree(table_dir)
+    for stale in (table_dir.parent / STAGING_DIR).glob(f"{table_dir.name}-*"):
+        newest = max([stale.stat().st_mtime] + [p.stat().st_mtime for p in stale.iterdir()])
+        if time.time() - newest > STALE_STAGING_S:
+            shutil.rmtree(stale, ignore_errors=True)
     return False
 
 
-def commit_table(table_dir: str | Path, meta: TableMeta, failures: list[dict[str, str]]) -> None:
+def staging_dir(table_dir: str | Path) -> Path:
+    """Where this job writes the table before `commit_table` moves it to `table_dir`: its own
+    directory on the same filesystem, so two jobs building the same table never share files."""
     table_dir = Path(table_dir)
-    (table_dir / FAILURES_FILE).write_text(json.dumps(failures, indent=1))
-    (table_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=1, sort_keys=True))
-    (table_dir / COMMIT_MARKER).write_text(meta.cache_key + "\n")
+    return table_dir.parent / STAGING_DIR / f"{table_dir.name}-{uuid.uuid4().hex[:12]}"
+
+
+def commit_table(staging: str | Path, table_dir: str | Path, meta: TableMeta, failures: list[dict[str, str]]) -> bool:
+    """Complete the table in `staging` (failures, metadata, commit marker) and move it to
+    `table_dir` in one rename. False when another job committed the same key first: that
+    table is the same, so this job's copy is dropped and the committed one is used."""
+    staging, table_dir = Path(staging), Path(table_dir)
+    (staging / FAILURES_FILE).write_text(json.dumps(failures, indent=1))
+    (staging / META_FILE).write_text(json.dumps(asdict(meta), indent=1, sort_keys=True))
+    (staging / COMMIT_MARKER).write_text(meta.cache_key + "\n")
+    try:
+        os.rename(staging, table_dir)
+    except OSError:
+        if not is_committed(table_dir):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
+    return True
 
 
 def read_meta(table_dir: str | Path) -> TableMeta:

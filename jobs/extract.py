@@ -242,11 +242,16 @@ def _build_table(
         )
     decoded = ds.materialize()  # kept in the object store for a caller in this job
 
-    sink = TableSink(table_dir)  # one more pass: the Parquet files, and the failures split off
-    decoded.write_datasink(sink)
+    staging = features.staging_dir(table_dir)
+    sink = TableSink(staging)  # one more pass: the Parquet files, and the failures split off
+    try:
+        decoded.write_datasink(sink)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     failures += sink.failures
     if not sink.counts:
-        shutil.rmtree(table_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise ExtractError(f"every video failed to decode ({len(failures)} failures; first: {failures[0]})")
     counts = {split: sink.counts.get(split, 0) for split in ("train", "val", "test")}
     meta = TableMeta(
@@ -258,7 +263,8 @@ def _build_table(
         code_version=CODE_VERSION,
         counts=counts,
     )
-    features.commit_table(table_dir, meta, failures)
+    if not features.commit_table(staging, table_dir, meta, failures):
+        log.warning("extract: another job committed %s first; using that table", table_dir)
     seconds = time.perf_counter() - start
     log.warning(
         "extract: wrote %d videos (%d failures) to %s in %.1fs", sum(counts.values()), len(failures), table_dir, seconds

@@ -84,10 +84,14 @@ def stage_teacher(cfg: VidkdConfig, cache: StageCache, records, parent: RunLogge
             result = run_distill(cfg, table.table_dir, distill=tcfg, logger=run, name="teacher")
         return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
 
-    # What the teacher's weights depend on: its frames and the training settings, not how many
-    # actors or which batch sizes extraction ran with.
-    key = [cfg.extract.num_frames, cfg.extract.image_size, tcfg.model_dump(), [r.video_id for r in records],
-           str(cfg.data.manifest_path())]
+    # What the teacher's weights depend on: its frames-only table (the content key of the videos,
+    # captions and splits) and the training settings, not how extraction was parallelised.
+    from core.features import cache_key
+    from jobs.extract import manifest_rows, teacher_identity
+
+    frames_only = teacher_identity(TeacherConfig(kind="none"))
+    frames_table = cache_key(manifest_rows(records), frames_only, cfg.extract.num_frames, cfg.extract.image_size)
+    key = [frames_table, tcfg.model_dump()]
     outputs = cache.run("teacher", key, build, check=_exists("checkpoint"))
     return TeacherConfig(kind="vidkd", path=outputs["checkpoint"])
 

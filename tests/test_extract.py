@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -95,6 +100,7 @@ def test_table_holds_good_videos_failures_the_bad_ones(ray_local, mixed_manifest
     rebuilt = run_extract(cfg)
     assert not rebuilt.cache_hit and features.is_committed(rebuilt.table_dir)
     assert features.read_table(rebuilt.table_dir).num_rows == 8
+    assert list((rebuilt.table_dir.parent / features.STAGING_DIR).iterdir()) == [], "staging is moved, not copied"
 
 
 def test_frames_only_table_and_all_failing_input(ray_local, mixed_manifest, tmp_path):
@@ -110,3 +116,29 @@ def test_frames_only_table_and_all_failing_input(ray_local, mixed_manifest, tmp_
 
 def read_path(manifest: Path, video_id: str) -> str:
     return next(r.path for r in read_manifest(manifest) if r.video_id == video_id)
+
+
+def test_two_jobs_building_one_table_never_share_or_delete_each_others_files(tmp_path):
+    table_dir = tmp_path / "features" / "key"
+    meta = features.TableMeta(num_frames=4, image_size=32, teacher={"kind": "none"}, cache_key="key")
+    first, second = features.staging_dir(table_dir), features.staging_dir(table_dir)
+    for staging, rows in ((first, 1), (second, 2)):
+        staging.mkdir(parents=True)
+        pq.write_table(pa.table({"video_id": [f"v{i}" for i in range(rows)]}), staging / "part-000000.parquet")
+    assert not features.prepare_table_dir(table_dir)  # a third job starting now removes neither
+    assert first.exists() and second.exists()
+    assert features.commit_table(first, table_dir, meta, [])
+    assert not features.commit_table(second, table_dir, meta, []), "the key was committed first by the other job"
+    assert not second.exists() and features.read_table(table_dir).num_rows == 1
+
+    # A staging directory untouched for a day is a killed job's: the next build of the key removes it.
+    stale, live = features.staging_dir(table_dir), features.staging_dir(table_dir)
+    for staging in (stale, live):
+        staging.mkdir()
+        (staging / "part-000000.parquet").write_bytes(b"")
+    day_ago = time.time() - features.STALE_STAGING_S - 60
+    for path in (stale / "part-000000.parquet", stale):
+        os.utime(path, (day_ago, day_ago))
+    shutil.rmtree(table_dir)
+    assert not features.prepare_table_dir(table_dir)
+    assert not stale.exists() and live.exists()
