@@ -575,15 +575,15 @@ def render_scene(scene: Scene, width: int, height: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- the dataset
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> None:
-    """H.264 (libx264, yuv420p) in mp4, byte for byte the same for the same frames (one encoder thread)."""
+    """H.264 (libx264, yuv420p) in mp4, with one encoder thread."""
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": "18", "preset": "veryfast"})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.codec_context.thread_count = 1
         for index, frame in enumerate(frames):
-            # Converted to yuv420p here, not inside encode(): the frames that encode() converts
-            # itself made x264's SIMD code produce a different bitstream now and then (some
-            # clips in 16, with 30 encodes each; none with this conversion, none with asm=0).
+            # Converted to yuv420p here, not inside encode(): that made x264's output vary less
+            # often between runs (8 variants in 16 clips x 30 encodes before, none after, on an
+            # idle machine); under load some clips still differ slightly, cause not found.
             picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
             picture.pts = index
             container.mux(stream.encode(picture))
