@@ -246,7 +246,7 @@ class TrackingConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = None  # None: start or join a local instance
+    address: str | None = None  # None: a new local instance; auto: the one running here; or ray://, host:port
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local instance
 
 

@@ -25,7 +25,7 @@ import torch
 from ray.data.expressions import col
 
 from core import features
-from core.config import ExtractConfig, TeacherConfig, VidkdConfig
+from core.config import ExtractConfig, RayConfig, TeacherConfig, VidkdConfig
 from core.datasets import VideoRecord, read_manifest
 from core.features import SCHEMA, TableMeta, TableSink, to_bytes
 from core.teachers import build_teacher
@@ -183,7 +183,7 @@ def run_extract(
         log.warning("extract: reusing the complete feature table %s (cache key %s)", table_dir, key)
         result = ExtractResult(table_dir, meta, failures, cache_hit=True)
     else:
-        result = _build_table(ecfg, teacher, identity, rows, key, table_dir)
+        result = _build_table(ecfg, teacher, identity, rows, key, table_dir, cfg.ray)
     if logger:
         _log_result(logger, result)
     return result
@@ -203,7 +203,8 @@ def actor_pool_size(ecfg: ExtractConfig, use_gpu: bool, num_videos: int) -> int:
 
 
 def _build_table(
-    ecfg: ExtractConfig, teacher: TeacherConfig, identity: dict, rows: list[dict], key: str, table_dir: Path
+    ecfg: ExtractConfig, teacher: TeacherConfig, identity: dict, rows: list[dict], key: str, table_dir: Path,
+    ray_cfg: RayConfig,
 ) -> ExtractResult:
     start = time.perf_counter()
     failures = [{"video_id": r["video_id"], "reason": "no_captions"} for r in rows if not r["captions"]]
@@ -215,7 +216,7 @@ def _build_table(
     if not inputs:
         raise ExtractError("no video in the manifest has a caption")
 
-    init_ray()
+    init_ray(ray_cfg)
     use_gpu = want_gpu(ecfg.use_gpu)
     num_blocks = max(1, -(-len(inputs) // ecfg.decode_batch_size))
     ds = ray.data.from_items(inputs, override_num_blocks=num_blocks).map_batches(

@@ -13,10 +13,13 @@ log = logging.getLogger("vidkd")
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
-    """Join the cluster in `cfg.address` (or $RAY_ADDRESS), else start a local instance.
+    """Join the cluster in `cfg.address` (or $RAY_ADDRESS), else start a new local instance.
 
-    A local instance binds its dashboard to 127.0.0.1. Inside a Ray job (`vidkd submit`) the
-    job's own cluster is joined."""
+    `auto` joins the cluster already running on this machine (`vidkd cluster up`, `ray start`).
+    Without an address a fresh instance is started even when one is running: a stage must not
+    land on some other cluster by accident, with other CPU counts than it was configured for.
+    A local instance binds its dashboard to 127.0.0.1. Inside a Ray job (`vidkd submit`) Ray sets
+    $RAY_ADDRESS and the job's own cluster is joined."""
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
@@ -29,6 +32,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         ray.init(address=address, log_to_driver=True, logging_config=logging_config)
         return
     ray.init(
+        address="local",
         num_cpus=cfg.num_cpus,
         include_dashboard=True,  # Ray Train polls the state API (served by the dashboard) for its clean-up
         dashboard_host="127.0.0.1",
