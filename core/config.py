@@ -154,7 +154,10 @@ class DistillConfig(_Strict):
     max_failures: int = Field(2, ge=0)
     seed: int = 0
     eval_batch_size: int = Field(64, ge=1)
-    storage_dir: str = "runs/train"
+    storage_dir: str = "runs/train"  # Ray Train's checkpoints: a shared path or s3:// on a cluster
+    # Started again, the same training (stage, table, teacher, settings) continues from its last
+    # checkpoint in storage_dir; a finished one is returned as it is. false: train from scratch.
+    resume: bool = True
 
     @model_validator(mode="after")
     def _mode(self) -> "DistillConfig":

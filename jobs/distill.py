@@ -28,13 +28,14 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train import LoggingConfig as TrainLoggingConfig
 from ray.train.torch import TorchTrainer
 
-from core.config import DistillConfig, TeacherConfig, VidkdConfig
+from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest
 from core.evaluation import evaluate_retrieval
 from core.features import FeatureBatch, TableMeta, decode_batch, read_meta
 from core.student import build_student, load_student, save_student
 from core.training import TrainStep, distill_loss, pick_captions, warmup_cosine
 from core.teachers import build_teacher
-from jobs.runtime import init_ray, quiet_training_worker, want_gpu
+from jobs.extract import teacher_identity
+from jobs.runtime import init_ray, quiet_training_worker, storage_path, want_gpu
 from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.distill")
@@ -130,7 +131,7 @@ def train_loop(config: dict) -> None:
     """One worker's training. `config` is plain data so Ray can ship it anywhere:
     distill (DistillConfig dict), meta (TableMeta dict), teacher (TeacherConfig dict, for the
     online mode), run_id/tracking_uri/experiment_id (the MLflow run, logged by rank 0),
-    init_checkpoint (optional student to start from), fail_once (test hook: [epoch, marker])."""
+    init_checkpoint (optional student to start from), fail_after (test hook: [[epoch, marker], ...])."""
     session: Session = config.get("_session") or TrainSession()
     quiet_training_worker()
     cfg = DistillConfig.model_validate(config["distill"])
@@ -163,7 +164,7 @@ def train_loop(config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
         if is_chief:
-            log.warning("distill: resumed from the checkpoint of epoch %d", state["epoch"])
+            _report_resume(logger, state, config.get("run_id"), cfg.epochs)
 
     model: torch.nn.Module = TrainStep(student)
     if session.world_size > 1:
@@ -216,7 +217,8 @@ def train_loop(config: dict) -> None:
             checkpoint_dir = tempfile.mkdtemp(prefix="vidkd-ckpt-")
             save_student(student, Path(checkpoint_dir) / CHECKPOINT_FILE, extra={"epoch": epoch, **_floats(val)})
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                        "history": history, "best": best}, Path(checkpoint_dir) / STATE_FILE)
+                        "history": history, "best": best, "run_id": config.get("run_id")},
+                       Path(checkpoint_dir) / STATE_FILE)
             if logger:
                 logger.log_metrics({k: v for k, v in metrics.items() if k != FIRST_STEP_KEY}, step=epoch)
             log.warning("distill epoch %d/%d: loss %.4f  val R@1 %.1f  (%.1fs)", epoch + 1, cfg.epochs,
@@ -226,12 +228,29 @@ def train_loop(config: dict) -> None:
         session.report(metrics, checkpoint_dir)
         if checkpoint_dir:  # reporting copied it to the run's storage; the local copy is spent
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        _maybe_fail(config.get("fail_once"), epoch)
+        _maybe_fail(config.get("fail_after"), epoch)
 
     if is_chief and logger:
         from jobs.plots import training_curves
 
         logger.log_figure(training_curves(history), "plots/training_curves.png")
+
+
+def _report_resume(logger: RunLogger | None, state: dict, run_id: str | None, epochs: int) -> None:
+    """Say where training picks up. A checkpoint written under another MLflow run is a job started
+    again after its driver died: that run's epochs are logged into this one, so this run alone
+    shows the whole training, and a tag names the run they came from."""
+    if state["epoch"] + 1 >= epochs:
+        log.warning("distill: this training finished before (epoch %d of %d); its result is reused. "
+                    "distill.resume=false trains again", state["epoch"] + 1, epochs)
+    else:
+        log.warning("distill: resumed from the checkpoint of epoch %d", state["epoch"] + 1)
+    previous = state.get("run_id")
+    if logger is None or previous == run_id:
+        return  # a worker restart within this run: its epochs are logged already
+    for metrics in state["history"]:
+        logger.log_metrics({k: v for k, v in metrics.items() if k != FIRST_STEP_KEY}, step=metrics["epoch"])
+    logger.set_tags({"vidkd.resumed_from_run": previous or "(not logged)", "vidkd.resumed_after_epoch": state["epoch"]})
 
 
 def _floats(metrics: dict) -> dict[str, float]:
@@ -245,14 +264,15 @@ def _broadcast(metrics: dict) -> dict:
     return box[0]
 
 
-def _maybe_fail(fail_once: list | None, epoch: int) -> None:
-    """Test hook: crash every worker once, after the checkpoint of `epoch` was reported."""
-    if fail_once and epoch == fail_once[0]:
-        marker = Path(fail_once[1])
-        if not marker.exists():
-            time.sleep(0.5)
-            if ray.train.get_context().get_world_rank() == 0:
-                marker.write_text("failed once\n")
+def _maybe_fail(fail_after: list | None, epoch: int) -> None:
+    """Test hook: after each listed epoch's checkpoint was reported, the chief writes the marker
+    and crashes, once; Ray Train takes the whole worker group down with it. (Only the chief
+    raises: a worker failing first could get the chief killed before the marker is written.)"""
+    if not fail_after or ray.train.get_context().get_world_rank() != 0:
+        return  # (a Tune trial has no Ray Train context)
+    for fail_epoch, marker in fail_after:
+        if epoch == fail_epoch and not Path(marker).exists():
+            Path(marker).write_text("failed once\n")
             raise RuntimeError(f"injected worker failure after epoch {epoch}")
 
 
@@ -268,6 +288,24 @@ class DistillResult:
 def worker_batch_size(distill: DistillConfig, world_size: int) -> int:
     """Each worker's share of the global batch (2 at least: a contrastive batch needs negatives)."""
     return max(2, distill.batch_size // world_size)
+
+
+# Settings that say how a training runs, not what it learns: a job submitted again with more
+# workers or GPUs, or other retries, continues the same training.
+RUNNING_SETTINGS = {"num_workers", "cpus_per_worker", "use_gpu", "max_failures", "storage_dir", "eval_batch_size",
+                    "resume"}
+
+
+def training_name(name: str, meta: TableMeta, distill: DistillConfig, teacher: TeacherConfig, fresh: str) -> str:
+    """The Ray Train run's name under storage_dir. With `distill.resume` the same training gets the
+    same name: stage name, table, the settings that shape the result and, where it is loaded, the
+    teacher. Ray Train then reloads that run's checkpoints, so a job started again after its driver
+    died (head node lost, job stopped) continues from the last one. Otherwise `fresh` makes it new."""
+    parts: list[Any] = [name, meta.cache_key, distill.model_dump(mode="json", exclude=RUNNING_SETTINGS)]
+    if distill.teacher_mode == "online":  # cached: the table's key already covers the teacher
+        parts.append(teacher_identity(teacher))
+    key = f"{name}-{digest(parts, 12)}"
+    return key if distill.resume else f"{key}-{fresh}"
 
 
 def check_table(meta: TableMeta, distill: DistillConfig, table_dir: str | Path) -> None:
@@ -301,27 +339,30 @@ def run_distill(
     logger: RunLogger | None = None,
     name: str = "distill",
     teacher: TeacherConfig | None = None,
-    fail_once: tuple[int, str] | None = None,
+    fail_after: list[tuple[int, str]] | None = None,
 ) -> DistillResult:
     """Train a student with a `TorchTrainer`; returns the best checkpoint by val R@1."""
     init_ray(cfg.ray)
     distill = distill or cfg.distill
+    teacher = teacher or cfg.extract.teacher
     meta = read_meta(table_dir)
     check_table(meta, distill, table_dir)
     datasets = datasets or split_datasets(table_dir, meta)
+    storage = storage_path(distill.storage_dir)
+    run_name = training_name(name, meta, distill, teacher, logger.run_id if logger else str(int(time.time())))
     if logger:
-        logger.log_params({"distill": distill.model_dump(mode="json"), "feature_table": str(table_dir)})
+        logger.log_params({"distill": distill.model_dump(mode="json"), "feature_table": str(table_dir),
+                           "train_run": f"{storage.rstrip('/')}/{run_name}"})
     use_gpu = want_gpu(distill.use_gpu)
     loop_config = {
         "distill": distill.model_dump(mode="json"),
         "meta": meta.__dict__,
-        "teacher": (teacher or cfg.extract.teacher).model_dump(),
+        "teacher": teacher.model_dump(),
         "run_id": logger.run_id if logger else None,
         "tracking_uri": logger.uri if logger else None,
         "experiment_id": logger.experiment_id if logger else None,
-        "fail_once": list(fail_once) if fail_once else None,
+        "fail_after": [list(f) for f in fail_after or []],
     }
-    storage = Path(distill.storage_dir).resolve()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -330,8 +371,8 @@ def run_distill(
         datasets={"train": datasets["train"], "val": datasets["val"]},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
-            name=f"{name}-{logger.run_id if logger else int(time.time())}",
-            storage_path=str(storage),
+            name=run_name,
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=TARGET_METRIC,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=distill.max_failures),

@@ -32,6 +32,11 @@ class StageCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
 
+    def fresh(self, stage: str, dcfg: DistillConfig) -> DistillConfig:
+        """A training the user asked to run again (`--from`) starts from scratch rather than
+        continuing or reusing the checkpoints of the same training in storage_dir."""
+        return dcfg.model_copy(update={"resume": False}) if stage in self.forced else dcfg
+
     def run(self, stage: str, key_parts: Any, build: Callable[[], dict], check: Callable[[dict], bool] = lambda o: True,
             label: str | None = None) -> dict:
         label = label or stage
@@ -81,7 +86,7 @@ def stage_teacher(cfg: VidkdConfig, cache: StageCache, records, parent: RunLogge
         run = parent.child("teacher", {"vidkd.stage": "teacher"})
         with run.running():
             table = run_extract(cfg, records, teacher=TeacherConfig(kind="none"), logger=run)
-            result = run_distill(cfg, table.table_dir, distill=tcfg, logger=run, name="teacher")
+            result = run_distill(cfg, table.table_dir, distill=cache.fresh("teacher", tcfg), logger=run, name="teacher")
         return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
 
     # What the teacher's weights depend on: its frames-only table (the content key of the videos,
@@ -142,8 +147,8 @@ def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
             def build() -> dict:
                 run = parent.child(name, {"vidkd.stage": "distill"})
                 with run.running():
-                    result = run_distill(cfg, table.table_dir, datasets, distill=dcfg, logger=run, name=name,
-                                         teacher=teacher)
+                    result = run_distill(cfg, table.table_dir, datasets, distill=cache.fresh("distill", dcfg),
+                                         logger=run, name=name, teacher=teacher)
                 return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
 
             return build

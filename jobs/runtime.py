@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
 
@@ -53,6 +54,12 @@ def quiet_training_worker() -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except ImportError:  # Ray Train V1, or the module moved: only noise is at stake
         pass
+
+
+def storage_path(path: str) -> str:
+    """Where Ray Train and Tune keep checkpoints: a URI (s3://, gs://) as given, a local path made
+    absolute (workers do not share the driver's working directory)."""
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def cluster_gpus() -> int:

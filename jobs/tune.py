@@ -28,7 +28,7 @@ from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest, dump_
 from core.features import read_meta
 from jobs.distill import FIRST_STEP_KEY, TARGET_METRIC, TuneSession, check_table, split_datasets, train_loop
 from jobs.plots import metric_vs_params
-from jobs.runtime import cluster_cpus, init_ray
+from jobs.runtime import cluster_cpus, init_ray, storage_path
 from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.tune")
@@ -43,6 +43,7 @@ class TuneResult:
     trials: list[dict[str, Any]]
     trial_epochs: int
     startup_share: float | None = None  # trial start to first step, as a share of trial time
+    failed_trials: int = 0  # trials that raised; what they reported before counts
 
 
 class TrialTiming(Callback):
@@ -171,7 +172,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         trial_resources = {"cpu": 0}  # the trial only drives a TorchTrainer, whose workers hold the resources
     cpus_per_trial = tcfg.cpus_per_worker * tcfg.workers_per_trial
     max_concurrent = tcfg.max_concurrent or max(1, int(cluster_cpus() // cpus_per_trial))
-    storage = str(Path(tcfg.storage_dir).resolve())
+    storage = storage_path(tcfg.storage_dir)
     name = experiment_name(cfg, meta.cache_key)
     if logger:
         logger.log_params({"tune": tcfg.model_dump(mode="json"), "max_concurrent": max_concurrent,
@@ -183,11 +184,11 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                              workers=tcfg.workers_per_trial, storage=storage, datasets=datasets),
         trial_resources,
     )
-    path = Path(storage) / name
+    path = f"{storage.rstrip('/')}/{name}"
     timing = TrialTiming()
-    if resume and tune.Tuner.can_restore(str(path)):
+    if resume and tune.Tuner.can_restore(path):
         log.warning("tune: resuming the search in %s", path)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, restart_errored=False)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
     else:
         if resume:
             log.warning("tune: nothing to resume in %s, starting a new search", path)
@@ -210,6 +211,10 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         )
     grid = tuner.fit()
 
+    failures = [result.error for result in grid if result.error is not None]
+    if failures:
+        log.warning("tune: %d of %d trials failed; what they reported before counts. The first: %s",
+                    len(failures), len(grid), str(failures[0]).strip().splitlines()[-1])
     trials = []
     for result in grid:
         if result.metrics is None or TARGET_METRIC not in (result.metrics or {}):
@@ -218,7 +223,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         best_in_trial = float(history[TARGET_METRIC].max()) if history is not None else result.metrics[TARGET_METRIC]
         trials.append({**{k: result.config[k] for k in cfg.tune.space}, TARGET_METRIC: best_in_trial,
                        "epochs": int(result.metrics.get("training_iteration", 0)),
-                       "trial_id": result.metrics.get("trial_id"),
+                       "trial_id": result.metrics.get("trial_id"), "failed": result.error is not None,
                        **timing.timing(result.metrics.get("trial_id"))})
     if not trials:
         raise RuntimeError("no Tune trial reported a metric; see the trial errors above")
@@ -237,7 +242,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     if logger:
         _close_trial_runs(logger, trials, tcfg.max_epochs)
         logger.log_metrics({"best_" + TARGET_METRIC: best[TARGET_METRIC], "trials": len(trials),
-                            "trial_epochs": trial_epochs,
+                            "trial_epochs": trial_epochs, "failed_trials": len(failures),
                             **({"trial_startup_share": startup_share} if startup_share is not None else {})})
         logger.set_tags({f"best.{k}": f"{v:.6g}" for k, v in best_params.items()})
         logger.log_artifact(out, "best_config")
@@ -245,15 +250,17 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         log_params = {k for k, d in cfg.tune.space.items() if d.log}
         logger.log_figure(metric_vs_params(trials, list(cfg.tune.space), TARGET_METRIC, log_params),
                           "plots/val_R1_vs_hyperparameters.png")
-    return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs, startup_share)
+    return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs, startup_share,
+                      len(failures))
 
 
 def _close_trial_runs(parent: RunLogger, trials: list[dict], max_epochs: int) -> None:
-    """Trials stopped early by ASHA never return; close their runs as KILLED, the rest FINISHED."""
+    """Trials stopped early by ASHA never return; close their runs as KILLED, those that raised as
+    FAILED, the rest FINISHED."""
     for trial in trials:
         run = parent.find_child(f"trial-{trial['trial_id']}")
         if run:
-            run.end("FINISHED" if trial["epochs"] >= max_epochs else "KILLED")
+            run.end("FAILED" if trial["failed"] else "FINISHED" if trial["epochs"] >= max_epochs else "KILLED")
 
 
 def load_best(path: str | Path) -> dict:

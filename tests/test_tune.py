@@ -20,7 +20,7 @@ def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_
     parent = RunLogger.create("tune-test", cfg.tracking, output_dir=str(tracking_dir))
     result = run_tune(cfg, table.table_dir, logger=parent)
 
-    assert len(result.trials) == 6
+    assert len(result.trials) == 6 and result.failed_trials == 0
     assert 1 <= min(t["epochs"] for t in result.trials) and max(t["epochs"] for t in result.trials) == 3
     # The configured default is the search's first point, so the best is at least as good as it.
     default = default_point(cfg)
@@ -64,4 +64,4 @@ def test_search_with_the_online_teacher(teacher_table, tmp_path):
         "output_dir": str(tmp_path / "runs"),
     })
     result = run_tune(cfg, table.table_dir, teacher=cfg.extract.teacher)
-    assert len(result.trials) == 1 and result.trials[0]["epochs"] == 1
+    assert len(result.trials) == 1 and result.trials[0]["epochs"] == 1 and result.failed_trials == 0
