@@ -331,6 +331,14 @@ def split_datasets(table: Any, meta: TableMeta) -> dict[str, Any]:
     return splits
 
 
+def shuffled_blocks(train: Any, seed: int) -> Any:
+    """The train split with its blocks in a new order every epoch, reproducible from the seed.
+    A table is in manifest order (for driving data: consecutive clips of one drive) and the local
+    shuffle buffer mixes only a few batches, so without this a batch's negatives would come from
+    one stretch of the manifest, the same stretch every epoch."""
+    return train.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
 def run_distill(
     cfg: VidkdConfig,
     table_dir: str | Path,
@@ -368,7 +376,7 @@ def run_distill(
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=distill.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": distill.cpus_per_worker}),
-        datasets={"train": datasets["train"], "val": datasets["val"]},
+        datasets={"train": shuffled_blocks(datasets["train"], distill.seed), "val": datasets["val"]},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=run_name,

@@ -26,7 +26,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest, dump_config
 from core.features import read_meta
-from jobs.distill import FIRST_STEP_KEY, TARGET_METRIC, TuneSession, check_table, split_datasets, train_loop
+from jobs.distill import (FIRST_STEP_KEY, TARGET_METRIC, TuneSession, check_table, shuffled_blocks, split_datasets,
+                          train_loop)
 from jobs.plots import metric_vs_params
 from jobs.runtime import cluster_cpus, init_ray, storage_path
 from jobs.tracking import RunLogger
@@ -135,6 +136,7 @@ def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: R
         "tracking_uri": logger.uri if logger else None,
         "experiment_id": logger.experiment_id if logger else None,
     }
+    datasets = {**datasets, "train": shuffled_blocks(datasets["train"], distill.seed)}
     if workers == 1:
         train_loop({**loop_config, "_session": TuneSession(datasets)})
         return
