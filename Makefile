@@ -1,7 +1,7 @@
 # The two commands: `make demo` and `make test`. Both create .venv when missing and install
 # everything the project needs (torch 2.14.1 / torchvision 0.29.1 come from the local wheel
-# index configured for pip on the machine; other packages from PyPI). --no-compile: Python
-# compiles the modules it imports on first use; pip would compile all of torch, Ray and MLflow.
+# index configured for pip on the machine; other packages from PyPI). Keep pip's byte-compiling:
+# Ray starts some of its processes with `python -B`, which would compile torch on every start.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -15,7 +15,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip wheel
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --progress-bar off --no-compile -e ".[test]"
+	$(PY) -m pip install --quiet --progress-bar off -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
