@@ -1,7 +1,8 @@
 # The two commands: `make demo` and `make test`. Both create .venv when missing and install
 # everything the project needs (torch 2.14.1 / torchvision 0.29.1 come from the local wheel
 # index configured for pip on the machine; other packages from PyPI). Keep pip's byte-compiling:
-# Ray starts some of its processes with `python -B`, which would compile torch on every start.
+# where PYTHONDONTWRITEBYTECODE is set (it is on our CI machines) pip's .pyc files are the only
+# ones, and without them every Ray worker compiles torch, Ray and MLflow again when it starts.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
