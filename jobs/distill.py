@@ -35,7 +35,7 @@ from core.student import build_student, load_student, save_student
 from core.training import TrainStep, distill_loss, pick_captions, warmup_cosine
 from core.teachers import build_teacher
 from jobs.extract import teacher_identity
-from jobs.runtime import init_ray, quiet_training_worker, storage_path, want_gpu
+from jobs.runtime import init_ray, quiet_training_worker, run_path, storage_path, want_gpu
 from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.distill")
@@ -220,7 +220,7 @@ def train_loop(config: dict) -> None:
                         "history": history, "best": best, "run_id": config.get("run_id")},
                        Path(checkpoint_dir) / STATE_FILE)
             if logger:
-                logger.log_metrics({k: v for k, v in metrics.items() if k != FIRST_STEP_KEY}, step=epoch)
+                _log_epoch(logger, metrics)
             log.warning("distill epoch %d/%d: loss %.4f  val R@1 %.1f  (%.1fs)", epoch + 1, cfg.epochs,
                         metrics["train_loss"], metrics[TARGET_METRIC], metrics["epoch_time_s"])
         if session.world_size > 1:
@@ -236,6 +236,11 @@ def train_loop(config: dict) -> None:
         logger.log_figure(training_curves(history), "plots/training_curves.png")
 
 
+def _log_epoch(logger: RunLogger, metrics: dict) -> None:
+    """One epoch's metrics into MLflow, at the epoch's step (the first-step time is for Tune only)."""
+    logger.log_metrics({k: v for k, v in metrics.items() if k != FIRST_STEP_KEY}, step=metrics["epoch"])
+
+
 def _report_resume(logger: RunLogger | None, state: dict, run_id: str | None, epochs: int) -> None:
     """Say where training picks up. A checkpoint written under another MLflow run is a job started
     again after its driver died: that run's epochs are logged into this one, so this run alone
@@ -249,7 +254,7 @@ def _report_resume(logger: RunLogger | None, state: dict, run_id: str | None, ep
     if logger is None or previous == run_id:
         return  # a worker restart within this run: its epochs are logged already
     for metrics in state["history"]:
-        logger.log_metrics({k: v for k, v in metrics.items() if k != FIRST_STEP_KEY}, step=metrics["epoch"])
+        _log_epoch(logger, metrics)
     logger.set_tags({"vidkd.resumed_from_run": previous or "(not logged)", "vidkd.resumed_after_epoch": state["epoch"]})
 
 
@@ -360,7 +365,7 @@ def run_distill(
     run_name = training_name(name, meta, distill, teacher, logger.run_id if logger else str(int(time.time())))
     if logger:
         logger.log_params({"distill": distill.model_dump(mode="json"), "feature_table": str(table_dir),
-                           "train_run": f"{storage.rstrip('/')}/{run_name}"})
+                           "train_run": run_path(storage, run_name)})
     use_gpu = want_gpu(distill.use_gpu)
     loop_config = {
         "distill": distill.model_dump(mode="json"),

@@ -62,6 +62,11 @@ def storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def run_path(storage: str, name: str) -> str:
+    """A Ray Train or Tune run's directory under `storage_path(...)` (a URI or a local path)."""
+    return f"{storage.rstrip('/')}/{name}"
+
+
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 

@@ -29,7 +29,7 @@ from core.features import read_meta
 from jobs.distill import (FIRST_STEP_KEY, TARGET_METRIC, TuneSession, check_table, shuffled_blocks, split_datasets,
                           train_loop)
 from jobs.plots import metric_vs_params
-from jobs.runtime import cluster_cpus, init_ray, storage_path
+from jobs.runtime import cluster_cpus, init_ray, run_path, storage_path
 from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.tune")
@@ -186,7 +186,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                              workers=tcfg.workers_per_trial, storage=storage, datasets=datasets),
         trial_resources,
     )
-    path = f"{storage.rstrip('/')}/{name}"
+    path = run_path(storage, name)
     timing = TrialTiming()
     if resume and tune.Tuner.can_restore(path):
         log.warning("tune: resuming the search in %s", path)
