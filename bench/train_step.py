@@ -56,6 +56,7 @@ def time_steps(mode: str, cfg: DistillConfig, student, teacher, batch: FeatureBa
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        student.clamp_logit_scale()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= 2:

@@ -115,6 +115,9 @@ class StudentConfig(_Strict):
     pretrained: str | None = None  # open_clip tag or local checkpoint for the CLIP towers
     temporal_layers: int = Field(1, ge=0, le=12)
     afa_hidden: int | None = Field(None, ge=1)  # default: the embedding width
+    # AFA pools frames with softmax(score / afa_pool_temperature); FgT trains softmax(score).
+    # TeachCLIP: 0.1. 1.0 pools with the same distribution FgT trains (a softer pooling).
+    afa_pool_temperature: float = Field(0.1, gt=0, le=10)
 
 
 class LossConfig(_Strict):
@@ -122,11 +125,14 @@ class LossConfig(_Strict):
 
     objective: Literal["teachclip", "dldkd", "none"] = "teachclip"
     temperature: float = Field(0.07, gt=0, le=1)  # InfoNCE temperature at start (learnable)
-    w_in: float = Field(1.0, ge=0)
+    # TeachCLIP's published balance: loss = 0.2 InfoNCE + 1.0 CgT + 2.0 FgT
+    w_in: float = Field(0.2, ge=0)
     w_cgt: float = Field(1.0, ge=0)
-    w_fgt: float = Field(1.0, ge=0)
-    tau_video: float = Field(0.05, gt=0, le=10)  # teacher video-level softmax temperature
-    tau_frame: float = Field(0.05, gt=0, le=10)  # teacher frame-level softmax temperature
+    w_fgt: float = Field(2.0, ge=0)
+    # Teacher softmax temperatures on its cosine similarities. TeachCLIP uses the teacher's own
+    # logits (logit scale 100 -> 0.01) for CgT, and softmax(cos) at temperature 1 for FgT.
+    tau_video: float = Field(0.01, gt=0, le=10)
+    tau_frame: float = Field(1.0, gt=0, le=10)
     # DLDKD
     w_feat: float = Field(1.0, ge=0)
     tau_kl: float = Field(4.0, gt=0)
@@ -183,8 +189,8 @@ class SearchDim(_Strict):
 
 def _default_space() -> dict[str, SearchDim]:
     return {
-        "loss.tau_video": SearchDim(low=0.01, high=1.0, log=True),
-        "loss.tau_frame": SearchDim(low=0.01, high=1.0, log=True),
+        "loss.tau_video": SearchDim(low=0.003, high=0.3, log=True),
+        "loss.tau_frame": SearchDim(low=0.03, high=3.0, log=True),
         "loss.temperature": SearchDim(low=0.02, high=0.2, log=True),
         "loss.w_cgt": SearchDim(low=0.1, high=10.0, log=True),
         "loss.w_fgt": SearchDim(low=0.1, high=10.0, log=True),

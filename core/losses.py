@@ -67,6 +67,8 @@ def infonce(sim_logits: Tensor, labels: Tensor | None = None) -> Tensor:
 
         L = 1/2 * ( CE(S, y) + CE(S.T, y^-1) ),  CE(S, y) = -1/N sum_i log softmax(S_i)[y_i]
 
+    The two directions are averaged, as in CLIP4Clip and TeachCLIP (their `gt_loss`).
+
     y[i] is the column matched with row i (default: the diagonal, y = arange(N)); y^-1 is its
     inverse permutation, so both directions (video->text and text->video) are scored.
     """
@@ -107,25 +109,31 @@ def teacher_similarity(teacher: TeacherBatch) -> Tensor:
 
 
 def cgt_loss(student_sim: Tensor, teacher_sim: Tensor, tau_video: float) -> Tensor:
-    """TeachCLIP's coarse-grained teaching: match the shape of the teacher's batch distributions.
+    """TeachCLIP's coarse-grained teaching (its `distill_method: pear`): the student's batch
+    distributions match the shape of the teacher's.
 
         P_s = softmax(S_s),  P_t = softmax(S_t / tau_video)    (S_s: student logits, already scaled)
-        CgT = 1/2 * ( mean_i [1 - pearson(P_s[i,:], P_t[i,:])] + mean_j [1 - pearson(P_s[:,j], P_t[:,j])] )
+        CgT = mean_i [1 - pearson(P_s[i,:], P_t[i,:])] + mean_j [1 - pearson(P_s[:,j], P_t[:,j])]
 
-    Pearson correlation ignores the offset and scale of the distributions, so the student can
-    keep its own temperature while learning the teacher's ranking of the batch (the DIST
-    relation loss TeachCLIP adopts). Rows are video->text, columns text->video.
+    The two directions are summed, not averaged, as TeachCLIP does (so CgT lies in [0, 4]).
+    TeachCLIP's teacher distribution is the softmax of the teacher's own logits, its logit scale
+    times the cosines: `tau_video` is that scale's inverse (0.01 for CLIP-family teachers, whose
+    scale trains to CLIP's cap of 100). Pearson correlation ignores the offset and scale of the
+    distributions, so the student keeps its own temperature while learning the teacher's ranking
+    of the batch (the DIST relation loss). Rows are video->text, columns text->video.
     """
     if student_sim.shape != teacher_sim.shape:
         raise ValueError(f"student sim {list(student_sim.shape)} and teacher sim {list(teacher_sim.shape)} differ")
     student_sim, teacher_logits = student_sim.float(), teacher_sim.float() / tau_video
     rows = _pearson_distance(student_sim.softmax(dim=1), teacher_logits.softmax(dim=1), dim=1)
     cols = _pearson_distance(student_sim.softmax(dim=0), teacher_logits.softmax(dim=0), dim=0)
-    return 0.5 * (rows + cols)
+    return rows + cols
 
 
 def fgt_target(teacher_frame_emb: Tensor, teacher_text_emb: Tensor, mask: Tensor, tau_frame: float) -> Tensor:
-    """The teacher's frame relevance [B,F]: softmax over real frames of cos(frame_f, text) / tau_frame."""
+    """The teacher's frame relevance [B,F]: softmax over real frames of cos(frame_f, text) / tau_frame.
+
+    TeachCLIP's X-CLIP teacher gives softmax(cos) at temperature 1 (tau_frame = 1.0)."""
     frames = F.normalize(teacher_frame_emb.float(), dim=-1)
     texts = F.normalize(teacher_text_emb.float(), dim=-1)
     sim = torch.einsum("bfd,bd->bf", frames, texts) / tau_frame
@@ -134,13 +142,17 @@ def fgt_target(teacher_frame_emb: Tensor, teacher_text_emb: Tensor, mask: Tensor
 
 def fgt_loss(afa_weights: Tensor, teacher_frame_emb: Tensor, teacher_text_emb: Tensor, mask: Tensor,
              tau_frame: float) -> Tensor:
-    """TeachCLIP's fine-grained teaching: the AFA weights learn the teacher's frame relevance.
+    """TeachCLIP's fine-grained teaching (its `fine_method: ce`): the student's frame scores learn
+    the teacher's frame relevance.
 
         T[b,f] = softmax_{f real}( cos(teacher_frame_emb[b,f], teacher_text_emb[b]) / tau_frame )
-        FgT    = -1/B sum_b sum_{f real} T[b,f] * log afa_weights[b,f]
+        FgT    = -1/(B*F) sum_b sum_{f real} T[b,f] * log afa_weights[b,f]
 
-    Cross-entropy, so it is smallest (the entropy of T) when afa_weights == T. Padded frames have
-    zero target and are left out of the sum.
+    `afa_weights` is AFA's temperature-1 softmax of its frame scores (not the sharper pooling
+    weights). The mean runs over pairs and frames together, as TeachCLIP's `.mean()` over the
+    [B,F] grid does, so the user's w_fgt is the weight the term gets; padded frames have zero
+    target and weight and add nothing but their place in the grid. Cross-entropy, so for each
+    pair it is smallest (the entropy of T) when afa_weights == T.
     """
     if afa_weights.shape != mask.shape or teacher_frame_emb.shape[:2] != mask.shape:
         raise ValueError(f"afa_weights {list(afa_weights.shape)}, teacher frames {list(teacher_frame_emb.shape[:2])} "
@@ -149,15 +161,42 @@ def fgt_loss(afa_weights: Tensor, teacher_frame_emb: Tensor, teacher_text_emb: T
     target = fgt_target(teacher_frame_emb, teacher_text_emb, mask, tau_frame)
     # Clamp only keeps log finite; real frames never reach it unless AFA saturates.
     log_weights = afa_weights.float().clamp_min(torch.finfo(torch.float32).tiny).log()
-    return -(target * log_weights).masked_fill(~mask, 0.0).sum(dim=1).mean()
+    return -(target * log_weights).masked_fill(~mask, 0.0).sum() / mask.numel()
+
+
+def entropy_fraction(probs: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean entropy of the distributions along the last dim, each as a fraction of the uniform
+    entropy over its `valid` entries: 1.0 means the distribution says nothing, 0.0 one-hot.
+    Rows with fewer than two valid entries have no choice to make and are left out."""
+    valid = torch.ones_like(probs, dtype=torch.bool) if valid is None else valid.bool()
+    count = valid.sum(dim=-1)
+    entropy = -(probs.float() * probs.float().clamp_min(torch.finfo(torch.float32).tiny).log()).masked_fill(
+        ~valid, 0.0).sum(dim=-1)
+    keep = count >= 2
+    if not bool(keep.any()):
+        return torch.tensor(0.0, device=probs.device)
+    return (entropy[keep] / count[keep].float().log()).mean()
+
+
+def teacher_entropies(teacher: TeacherBatch, cfg: LossConfig) -> dict[str, Tensor]:
+    """How much the teacher's targets say at the configured temperatures: the entropy of its
+    video-level (text->video rows of the batch) and frame-level distributions as a fraction of
+    uniform. Near 1.0 the temperature has erased the teacher's knowledge."""
+    with torch.no_grad():
+        video = (teacher_similarity(teacher) / cfg.tau_video).softmax(dim=1)
+        frames = fgt_target(teacher.frame_emb, teacher.text_emb, teacher.frame_mask, cfg.tau_frame)
+        return {"teacher_video_entropy": entropy_fraction(video),
+                "teacher_frame_entropy": entropy_fraction(frames, teacher.frame_mask)}
 
 
 def teachclip_loss(out: VideoOutput, text_emb: Tensor, logit_scale: Tensor | float, teacher: TeacherBatch | None,
                    cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """TeachCLIP: L = w_in * InfoNCE(S_s) + w_cgt * CgT(S_s, S_t) + w_fgt * FgT(afa, T).
 
-    S_s = logit_scale * video_emb @ text_emb.T; S_t = teacher cosine similarities. Without a
-    teacher (or with a zero weight) the teacher terms are skipped, not computed.
+    S_s = logit_scale * video_emb @ text_emb.T; S_t = teacher cosine similarities. TeachCLIP's
+    weights are w_in 0.2, w_cgt 1.0, w_fgt 2.0 (the defaults). Without a teacher (or with a zero
+    weight) the teacher terms are skipped, not computed. With a teacher the entropies of its
+    targets (`teacher_entropies`) come back with the terms, for the logs.
     """
     _check_batch(out, text_emb, teacher)
     student_sim = similarity(out.video_emb, text_emb, logit_scale)
@@ -169,7 +208,10 @@ def teachclip_loss(out: VideoOutput, text_emb: Tensor, logit_scale: Tensor | flo
     if teacher is not None and cfg.w_fgt > 0:
         terms["fgt"] = fgt_loss(out.afa_weights, teacher.frame_emb, teacher.text_emb, teacher.frame_mask, cfg.tau_frame)
         loss = loss + cfg.w_fgt * terms["fgt"]
-    return loss, {k: v.detach() for k, v in terms.items()}
+    terms = {k: v.detach() for k, v in terms.items()}
+    if teacher is not None:
+        terms.update(teacher_entropies(teacher, cfg))
+    return loss, terms
 
 
 # ------------------------------------------------------------------------------------ DLDKD

@@ -7,9 +7,12 @@ CLIP4Clip code ranks with `argsort`, which breaks ties by index order, so a coll
 the worst rank, and the numbers do not depend on how the gallery happens to be ordered.
 
 - text -> video: each caption is a query; its target is its video.
-- video -> text: each video is a query over all captions; its targets are its own captions, and
-  its rank is that of the best-scoring one (the other captions of the same video are not
-  counted against it). Videos without captions are not queries.
+- video -> text, CLIP4Clip's multi-sentence convention (also TeachCLIP's): the similarities are
+  max-pooled over each video's captions into a [videos x videos] matrix,
+      M[u, v] = max_{c in captions(u)} sim(c, v),
+  and video v is ranked among the caption-owning videos u by M[u, v]; its target is u = v.
+  With one caption per video this is plain video->text ranking. Videos without captions are
+  neither queries nor candidates.
 """
 
 from __future__ import annotations
@@ -41,27 +44,29 @@ def retrieval_metrics(sim_t2v, caption_video) -> dict[str, float]:
 
     rows = np.arange(num_captions)
     target_score = sim[rows, owner]  # each caption's similarity to its own video
-    best_own = np.full(num_videos, -np.inf, dtype=np.float64)
-    np.maximum.at(best_own, owner, target_score)  # each video's best-scoring caption
-    has_caption = np.bincount(owner, minlength=num_videos) > 0
-
     t2v_beaten_by = np.empty(num_captions, dtype=np.int64)
-    v2t_beaten_by = np.zeros(num_videos, dtype=np.int64)
     for start in range(0, num_captions, _CHUNK):
         chunk = slice(start, start + _CHUNK)
-        chunk_rows = rows[chunk] - start
-        # text -> video: videos scoring >= the caption's own video, minus the video itself
+        # videos scoring >= the caption's own video, minus the video itself
         at_least = sim[chunk] >= target_score[chunk, None]
-        at_least[chunk_rows, owner[chunk]] = False
+        at_least[rows[chunk] - start, owner[chunk]] = False
         t2v_beaten_by[chunk] = at_least.sum(1)
-        # video -> text: captions of other videos scoring >= the video's best own caption
-        at_least = sim[chunk] >= best_own[None, :]
-        at_least[chunk_rows, owner[chunk]] = False
-        v2t_beaten_by += at_least.sum(0)
+
+    # video -> text: max-pool each video's captions (rows grouped by owner, in video order)
+    order = np.argsort(owner, kind="stable")
+    owners = np.unique(owner)  # the caption-owning videos: queries and candidates
+    starts = np.searchsorted(owner[order], owners)
+    by_owner = sim[order]
+    v2t_beaten_by = np.empty(len(owners), dtype=np.int64)
+    for start in range(0, len(owners), _CHUNK):
+        queries = owners[start : start + _CHUNK]
+        pooled = np.maximum.reduceat(by_owner[:, queries], starts, axis=0)  # [owners, queries]
+        own = pooled[start + np.arange(len(queries)), np.arange(len(queries))]
+        v2t_beaten_by[start : start + len(queries)] = (pooled >= own[None, :]).sum(0) - 1
 
     return {
         **_summarise("t2v", 1 + t2v_beaten_by),
-        **_summarise("v2t", 1 + v2t_beaten_by[has_caption]),
+        **_summarise("v2t", 1 + v2t_beaten_by),
     }
 
 

@@ -7,9 +7,13 @@ weights. Those weights are what TeachCLIP's fine-grained teaching (FgT) supervis
 teacher's frame-text relevance, so they are part of the output.
 
     frames [B,F,H,W,3] -> CLIP image tower -> x [B,F,D]
-    frame_emb = normalize(transformer(x + pos) + x)
-    afa_weights = softmax_f(MLP(frame_emb))           (padded frames: -inf -> weight 0)
-    video_emb = normalize(sum_f afa_weights_f * frame_emb_f)
+    h = transformer(x + pos) + x;   frame_emb = normalize(h)
+    score = MLP(h)                                    (scored before normalising, as TeachCLIP does)
+    afa_weights  = softmax_f(score)                   (what FgT trains against the teacher)
+    pool_weights = softmax_f(score / t_pool)          (t_pool = afa_pool_temperature, 0.1 in TeachCLIP)
+    video_emb = normalize(sum_f pool_weights_f * frame_emb_f)
+
+Padded frames get score -inf, so weight exactly 0 in both softmaxes.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ CHECKPOINT_FORMAT = "vidkd-student/1"
 class VideoOutput(NamedTuple):
     video_emb: Tensor  # [B, D], L2-normalised
     frame_emb: Tensor  # [B, F, D], L2-normalised, after the temporal transformer
-    afa_weights: Tensor  # [B, F], sums to 1 over real frames, exactly 0 on padded frames
+    afa_weights: Tensor  # [B, F] softmax(score): sums to 1 over real frames, exactly 0 on padded ones
+    pool_weights: Tensor  # [B, F] softmax(score / afa_pool_temperature): the weights video_emb is pooled with
 
 
 class StudentOutput(NamedTuple):
@@ -65,15 +70,17 @@ class TemporalTransformer(nn.Module):
 
 
 class AttentionalFrameAggregation(nn.Module):
-    """TeachCLIP's AFA: one relevance score per frame, softmax over the video's real frames."""
+    """TeachCLIP's AFA: one relevance score per frame (an MLP on the frame features before they
+    are normalised); returns (softmax(score), softmax(score / pool_temperature)) over real frames."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, pool_temperature: float = 0.1):
         super().__init__()
         self.score = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.pool_temperature = pool_temperature
 
-    def forward(self, frame_emb: Tensor, mask: Tensor) -> Tensor:
-        logits = self.score(frame_emb).squeeze(-1).float()
-        return logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    def forward(self, frame_features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        score = self.score(frame_features).squeeze(-1).float().masked_fill(~mask, float("-inf"))
+        return score.softmax(dim=-1), (score / self.pool_temperature).softmax(dim=-1)
 
 
 class VideoTextStudent(nn.Module):
@@ -107,7 +114,7 @@ class VideoTextStudent(nn.Module):
         dim = clip.visual.output_dim
         self.embed_dim = dim
         self.temporal = TemporalTransformer(dim, num_frames, config.temporal_layers) if config.temporal_layers else None
-        self.afa = AttentionalFrameAggregation(dim, config.afa_hidden or dim)
+        self.afa = AttentionalFrameAggregation(dim, config.afa_hidden or dim, config.afa_pool_temperature)
         self.to_teacher = nn.Linear(dim, teacher_dim) if teacher_dim else None
         for module in self.new_modules():
             module.apply(_init_new_weights)
@@ -136,9 +143,9 @@ class VideoTextStudent(nn.Module):
         if self.temporal is not None:
             x = self.temporal(x, mask)
         frame_emb = F.normalize(x, dim=-1)
-        afa_weights = self.afa(frame_emb, mask)
-        video_emb = F.normalize(torch.einsum("bf,bfd->bd", afa_weights.to(frame_emb.dtype), frame_emb), dim=-1)
-        return VideoOutput(video_emb, frame_emb, afa_weights)
+        afa_weights, pool_weights = self.afa(x, mask)
+        video_emb = F.normalize(torch.einsum("bf,bfd->bd", pool_weights.to(frame_emb.dtype), frame_emb), dim=-1)
+        return VideoOutput(video_emb, frame_emb, afa_weights, pool_weights)
 
     def tokenize(self, texts: list[str]) -> Tensor:
         """Token ids [N, context_length]; cheap enough to run in data-loading workers."""
@@ -170,8 +177,14 @@ class VideoTextStudent(nn.Module):
 
     @property
     def logit_scale(self) -> Tensor:
-        """The similarity multiplier exp(clip.logit_scale), capped at 100 as in CLIP."""
-        return self.clip.logit_scale.clamp(max=math.log(100.0)).exp()
+        """The similarity multiplier exp(clip.logit_scale). Capped at 100 by `clamp_logit_scale`
+        after each optimizer step, as CLIP and TeachCLIP do: a clamp inside the forward pass would
+        zero the parameter's gradient for good once it passed the cap."""
+        return self.clip.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
+        self.clip.logit_scale.clamp_(max=math.log(max_scale))
 
     # ----------------------------------------------------------------------------- training
     def new_modules(self) -> list[nn.Module]:

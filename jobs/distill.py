@@ -194,6 +194,7 @@ def train_loop(config: dict) -> None:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             optimizer.step()
+            student.clamp_logit_scale()  # CLIP's cap, on the parameter (see VideoTextStudent.logit_scale)
             scheduler.step()
             for name, value in {"loss": loss.item(), "grad_norm": float(grad_norm), **terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from core.config import DistillConfig
-from core.features import TableMeta
-from core.student import load_student
-from core.training import warmup_cosine
+from core.config import DistillConfig, LossConfig
+from core.features import TableMeta, read_meta
+from core.losses import fgt_target, teachclip_loss, teacher_similarity
+from core.student import build_student, load_student
+from core.teachers import build_teacher
+from core.training import cached_teacher, online_teacher, warmup_cosine
 from jobs.distill import STATE_FILE, check_table, run_distill, shuffled_blocks, training_name
 from jobs.extract import run_extract
+from jobs.quantize import table_batches
 from jobs.tracking import RunLogger
 from tests.conftest import tiny_config
 
@@ -101,12 +105,48 @@ def test_no_teacher_and_dldkd_modes(teacher_table, plain_student, tmp_path):
     assert {"train_feat", "train_kl", "train_explore"} <= set(result.history[0])
 
 
-def test_online_teacher_matches_cached_mode_inputs(teacher_table, tmp_path):
+def test_online_teacher_gives_the_loss_what_the_cache_gives(teacher_table):
+    """One batch, two views of the teacher: its embeddings as the table cached them (float16) and
+    as the online mode computes them from the same frames and captions. The loss must see the
+    same teacher either way: the same embeddings, the same CgT and FgT targets, the same terms."""
+    cfg, table = teacher_table
+    meta = read_meta(table.table_dir)
+    batch = table_batches(table.table_dir, meta, "train", batch_size=8)[0]
+    picks = [i % len(caps) for i, caps in enumerate(batch.captions)]  # not always the first caption
+    captions = [caps[p] for caps, p in zip(batch.captions, picks)]
+    frames, mask = torch.from_numpy(batch.frames), torch.from_numpy(batch.frame_mask)
+    torch.manual_seed(0)  # as extraction builds a teacher without weights
+    online = online_teacher(build_teacher(cfg.extract.teacher), frames, mask, captions)
+    cached = cached_teacher(batch, picks, torch.device("cpu"))
+
+    real = mask.bool()
+    assert not real.all(), "the batch should hold a short video, so padding is compared too"
+    tol = {"atol": 2e-3, "rtol": 0}  # the table stores float16
+    torch.testing.assert_close(online.video_emb, cached.video_emb, **tol)
+    torch.testing.assert_close(online.text_emb, cached.text_emb, **tol)
+    torch.testing.assert_close(online.frame_emb[real], cached.frame_emb[real], **tol)
+    torch.testing.assert_close(teacher_similarity(online), teacher_similarity(cached), **tol)
+    loss_cfg = LossConfig(tau_video=0.05, tau_frame=0.1)
+    torch.testing.assert_close(fgt_target(online.frame_emb, online.text_emb, mask, loss_cfg.tau_frame),
+                               fgt_target(cached.frame_emb, cached.text_emb, mask, loss_cfg.tau_frame), **tol)
+
+    student = build_student(cfg.distill.student, meta.num_frames)
+    with torch.no_grad():
+        out = student(frames, mask, captions)
+        _, from_online = teachclip_loss(out.video, out.text_emb, student.logit_scale, online, loss_cfg)
+        _, from_cache = teachclip_loss(out.video, out.text_emb, student.logit_scale, cached, loss_cfg)
+    for term in ("cgt", "fgt", "teacher_video_entropy", "teacher_frame_entropy"):
+        assert from_online[term].item() == pytest.approx(from_cache[term].item(), abs=2e-3), term
+
+
+def test_online_teacher_mode_trains(teacher_table, tmp_path):
     cfg, table = teacher_table
     online = cfg.distill.model_copy(update={"epochs": 1, "num_workers": 1, "teacher_mode": "online",
                                             "storage_dir": str(tmp_path / "c")})
     result = run_distill(cfg, table.table_dir, distill=online, name="online", teacher=cfg.extract.teacher)
-    assert result.history[0]["train_cgt"] >= 0
+    epoch = result.history[0]
+    assert all(math.isfinite(epoch[f"train_{t}"]) for t in ("cgt", "fgt", "teacher_video_entropy"))
+    assert 0 < epoch["train_teacher_frame_entropy"] <= 1
 
 
 def test_frames_only_table_refuses_cached_mode(ray_local, synth_dataset, tmp_path):

@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from core.config import LossConfig
-from core.losses import (TeacherBatch, cgt_loss, dldkd_loss, dldkd_weights, fgt_loss, fgt_target, gather_with_grad,
-                         infonce, kl_distill, plain_loss, teachclip_loss, teacher_similarity)
+from core.losses import (TeacherBatch, cgt_loss, dldkd_loss, dldkd_weights, entropy_fraction, fgt_loss, fgt_target,
+                         gather_with_grad, infonce, kl_distill, plain_loss, teachclip_loss, teacher_entropies,
+                         teacher_similarity)
 from core.student import VideoOutput
 
 B, F_, D, DT = 5, 4, 8, 6
@@ -62,7 +63,7 @@ def ref_cgt(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> float:
     def direction(s_lines, t_lines):
         return sum(1 - ref_pearson(ref_softmax(s), ref_softmax([v / tau for v in t]))
                    for s, t in zip(s_lines, t_lines)) / len(s_lines)
-    return (direction(rows(student), rows(teacher)) + direction(cols(student), cols(teacher))) / 2
+    return direction(rows(student), rows(teacher)) + direction(cols(student), cols(teacher))
 
 
 def ref_fgt(afa: torch.Tensor, t_frames: torch.Tensor, t_text: torch.Tensor, mask: torch.Tensor, tau: float) -> float:
@@ -72,7 +73,7 @@ def ref_fgt(afa: torch.Tensor, t_frames: torch.Tensor, t_text: torch.Tensor, mas
         sims = [ref_cosine(t_frames[b, f].tolist(), t_text[b].tolist()) / tau for f in real]
         target = ref_softmax(sims)
         total -= sum(p * math.log(afa[b, f].item()) for p, f in zip(target, real))
-    return total / afa.shape[0]
+    return total / (afa.shape[0] * afa.shape[1])  # TeachCLIP: the mean over pairs and frames
 
 
 def ref_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> float:
@@ -94,7 +95,7 @@ def student_output(seed: int = 0, mask: torch.Tensor | None = None) -> VideoOutp
     mask = torch.ones(B, F_) if mask is None else mask
     logits = torch.randn(B, F_, generator=torch.Generator().manual_seed(seed + 1))
     afa = logits.masked_fill(mask == 0, float("-inf")).softmax(dim=1)
-    return VideoOutput(unit(B, D, seed=seed), unit(B, F_, D, seed=seed + 2), afa)
+    return VideoOutput(unit(B, D, seed=seed), unit(B, F_, D, seed=seed + 2), afa, afa)
 
 
 def teacher_batch(seed: int = 10, mask: torch.Tensor | None = None) -> TeacherBatch:
@@ -131,6 +132,59 @@ def test_plain_loss_is_scaled_infonce():
     assert set(terms) == {"infonce"}
     with pytest.raises(ValueError, match="one caption per video"):
         plain_loss(out, text[:3], 20.0)
+
+
+# ------------------------------------------------------ TeachCLIP's published values, by hand
+def test_default_weights_and_temperatures_are_teachclips():
+    cfg = LossConfig()
+    assert (cfg.objective, cfg.w_in, cfg.w_cgt, cfg.w_fgt) == ("teachclip", 0.2, 1.0, 2.0)
+    assert (cfg.tau_video, cfg.tau_frame) == (0.01, 1.0)  # teacher logits at scale 100; softmax(cos)
+
+
+def test_cgt_sums_its_two_directions_by_hand():
+    # 2x2: the Pearson correlation of two 2-point distributions is +1 (same order) or -1.
+    teacher = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
+    assert cgt_loss(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), teacher, 0.01).item() == pytest.approx(0.0, abs=1e-6)
+    # every row and every column reversed: 2 per direction, summed to TeachCLIP's maximum of 4
+    assert cgt_loss(torch.tensor([[0.0, 2.0], [2.0, 0.0]]), teacher, 0.01).item() == pytest.approx(4.0, rel=1e-6)
+    # row 1 and column 0 reversed: (0 + 2) / 2 + (2 + 0) / 2 = 2
+    assert cgt_loss(torch.tensor([[2.0, 0.0], [3.0, 1.0]]), teacher, 0.01).item() == pytest.approx(2.0, rel=1e-6)
+
+
+def test_fgt_is_the_mean_over_pairs_and_frames_by_hand():
+    # one pair, two frames the teacher finds equally relevant: T = (1/2, 1/2); AFA says (1/4, 3/4).
+    # Cross-entropy over the frames: (ln 4 + ln 4/3) / 2 = 0.836988; TeachCLIP's mean over the 2
+    # frames halves it: 0.418494 (a sum over frames would give the 0.836988).
+    frames = F.normalize(torch.tensor([[[1.0, 1.0], [1.0, -1.0]]]), dim=-1)
+    text = torch.tensor([[1.0, 0.0]])
+    loss = fgt_loss(torch.tensor([[0.25, 0.75]]), frames, text, torch.ones(1, 2), 1.0)
+    assert loss.item() == pytest.approx(0.418494, abs=1e-6)
+    # two pairs, the second with one real frame of two: it adds 0 (its target is one-hot on a
+    # weight of 1) but its two grid places still count: 0.836988 / 4
+    frames2 = torch.cat([frames, frames]), torch.cat([text, text])
+    weights = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    assert fgt_loss(weights, *frames2, mask, 1.0).item() == pytest.approx(0.836988 / 4, abs=1e-6)
+
+
+def test_fgt_target_at_temperature_one_is_softmax_of_cosines_by_hand():
+    # cosines 1 and 0: softmax(1, 0) = (e / (e + 1), 1 / (e + 1)) = (0.731059, 0.268941)
+    frames = torch.tensor([[[2.0, 0.0], [0.0, 3.0]]])
+    target = fgt_target(frames, torch.tensor([[1.0, 0.0]]), torch.ones(1, 2), 1.0)
+    torch.testing.assert_close(target, torch.tensor([[0.731059, 0.268941]]), atol=1e-6, rtol=0)
+
+
+def test_teacher_entropies_are_fractions_of_uniform():
+    flat = TeacherBatch(torch.ones(3, 2), torch.ones(3, 4, 2), torch.ones(3, 2), torch.ones(3, 4))
+    terms = teacher_entropies(flat, LossConfig())
+    assert terms["teacher_video_entropy"].item() == pytest.approx(1.0)  # all cosines equal: uniform
+    assert terms["teacher_frame_entropy"].item() == pytest.approx(1.0)
+    sharp = TeacherBatch(torch.eye(3), torch.eye(3)[:, None, :].repeat(1, 4, 1), torch.eye(3), torch.ones(3, 4))
+    assert teacher_entropies(sharp, LossConfig(tau_video=0.001))["teacher_video_entropy"].item() < 1e-3
+    # one real frame leaves nothing to choose: such videos are left out
+    half = torch.tensor([0.5, 0.5, 0.0])
+    assert entropy_fraction(torch.stack([half, torch.tensor([1.0, 0, 0])]),
+                            torch.tensor([[1, 1, 0], [1, 0, 0]])).item() == pytest.approx(1.0)
 
 
 # -------------------------------------------------------------------------------------- CgT
@@ -172,7 +226,7 @@ def test_fgt_is_smallest_when_afa_weights_equal_the_target():
     teacher = teacher_batch(mask=PADDED)
     target = fgt_target(teacher.frame_emb, teacher.text_emb, PADDED, 0.1)
     at_target = fgt_loss(target, teacher.frame_emb, teacher.text_emb, PADDED, 0.1)
-    entropy = -(target * target.clamp_min(1e-30).log()).sum(dim=1).mean()
+    entropy = -(target * target.clamp_min(1e-30).log()).sum() / (B * F_)
     assert at_target.item() == pytest.approx(entropy.item(), rel=1e-5)  # cross-entropy == entropy
     generator = torch.Generator().manual_seed(3)
     for _ in range(20):
@@ -193,7 +247,7 @@ def test_teachclip_loss_is_the_weighted_sum_of_its_terms():
         "cgt": ref_cgt(student_sim, teacher_similarity(teacher), 0.05),
         "fgt": ref_fgt(out.afa_weights, teacher.frame_emb.float(), teacher.text_emb.float(), PADDED, 0.2),
     }
-    assert set(terms) == set(expected)
+    assert set(terms) == set(expected) | {"teacher_video_entropy", "teacher_frame_entropy"}
     for name, value in expected.items():
         assert terms[name].item() == pytest.approx(value, rel=1e-4), name
     total = 0.5 * expected["infonce"] + 2.0 * expected["cgt"] + 3.0 * expected["fgt"]
@@ -203,9 +257,9 @@ def test_teachclip_loss_is_the_weighted_sum_of_its_terms():
 def test_teachclip_without_teacher_or_with_zero_weights_skips_teacher_terms():
     out, text = student_output(), unit(B, D, seed=7)
     loss, terms = teachclip_loss(out, text, 10.0, None, LossConfig())
-    assert set(terms) == {"infonce"} and loss.item() == pytest.approx(terms["infonce"].item())
+    assert set(terms) == {"infonce"} and loss.item() == pytest.approx(0.2 * terms["infonce"].item())
     _, terms = teachclip_loss(out, text, 10.0, teacher_batch(), LossConfig(w_fgt=0.0))
-    assert set(terms) == {"infonce", "cgt"}
+    assert set(terms) == {"infonce", "cgt", "teacher_video_entropy", "teacher_frame_entropy"}
     with pytest.raises(ValueError, match="teacher batch sizes"):
         short = teacher_batch()
         teachclip_loss(out, text, 10.0, TeacherBatch(short.video_emb[:3], short.frame_emb, short.text_emb,
@@ -269,7 +323,7 @@ def test_gradients_are_finite_with_padded_frames():
     scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
     teacher = teacher_batch(mask=PADDED)
     afa = afa_logits.masked_fill(PADDED == 0, float("-inf")).softmax(dim=1)
-    out = VideoOutput(video, unit(B, F_, D, seed=2), afa)
+    out = VideoOutput(video, unit(B, F_, D, seed=2), afa, afa)
     loss_tc, _ = teachclip_loss(out, text, scale.exp(), teacher, LossConfig())
     loss_dl, _ = dldkd_loss(out, text, scale.exp(), projected, teacher, LossConfig(), 0.5)
     (loss_tc + loss_dl).backward()

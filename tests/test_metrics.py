@@ -15,12 +15,10 @@ def brute_force_ranks(sim: np.ndarray, owner: np.ndarray) -> tuple[list[int], li
     t2v = []
     for i in range(len(sim)):
         t2v.append(1 + sum(sim[i, j] >= sim[i, owner[i]] for j in range(sim.shape[1]) if j != owner[i]))
-    v2t = []
-    for v in range(sim.shape[1]):
-        own = [i for i in range(len(sim)) if owner[i] == v]
-        if own:
-            best = max(sim[i, v] for i in own)
-            v2t.append(1 + sum(sim[i, v] >= best for i in range(len(sim)) if owner[i] != v))
+    # video -> text as CLIP4Clip: each video's captions max-pooled, videos ranked among videos
+    owners = sorted(set(owner))
+    pooled = {(u, v): max(sim[i, v] for i in range(len(sim)) if owner[i] == u) for u in owners for v in owners}
+    v2t = [1 + sum(pooled[u, v] >= pooled[v, v] for u in owners if u != v) for v in owners]
     return t2v, v2t
 
 
@@ -42,6 +40,28 @@ def test_hand_computed_multi_caption():
     # caption 3 (0.5), beaten only by caption 1 (0.55) of video 0: rank 2
     assert (m["t2v_R1"], m["t2v_MdR"], m["t2v_MnR"]) == (25, 2, 1.75)
     assert (m["v2t_R1"], m["v2t_MdR"], m["v2t_MnR"]) == (50, 1.5, 1.5)
+
+
+def test_v2t_max_pools_each_videos_captions_as_clip4clip():
+    # video 1's best own caption (0.5) is beaten by both captions of video 0 (0.6, 0.7). Ranked
+    # among captions that would be rank 3; CLIP4Clip max-pools video 0's captions to one
+    # candidate (0.7), so video 1 is rank 2 among the 2 videos.
+    sim = np.array([[0.9, 0.6], [0.1, 0.7], [0.4, 0.5], [0.3, 0.2]])
+    m = retrieval_metrics(sim, [0, 0, 1, 1])
+    assert (m["v2t_R1"], m["v2t_MdR"], m["v2t_MnR"]) == (50, 1.5, 1.5)
+
+
+def test_v2t_equals_clip4clip_argsort_on_the_pooled_matrix_without_ties():
+    rng = np.random.default_rng(1)
+    owner = np.repeat(np.arange(12), 4)
+    sim = rng.normal(size=(48, 12))
+    pooled = np.stack([sim[owner == u].max(axis=0) for u in range(12)])  # [text-owner video, video]
+    queries = pooled.T  # row v: video v against every video's pooled captions
+    ranks = np.where(np.sort(-queries, axis=1) - np.diag(-queries)[:, None] == 0)[1] + 1
+    m = retrieval_metrics(sim, owner)
+    assert m["v2t_MnR"] == pytest.approx(ranks.mean())
+    assert m["v2t_R1"] == pytest.approx(100 * np.mean(ranks == 1))
+    assert m["v2t_R5"] == pytest.approx(100 * np.mean(ranks <= 5))
 
 
 def test_constant_similarity_is_worst_rank_not_perfect():

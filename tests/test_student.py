@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.config import LossConfig, StudentConfig
 from core.losses import TeacherBatch, dldkd_loss, infonce, similarity, teachclip_loss
@@ -47,9 +48,46 @@ def test_shapes_norms_and_afa_weights(student):
     torch.testing.assert_close(out.afa_weights.sum(dim=1), torch.ones(3))
     assert torch.all(out.afa_weights[mask == 0] == 0)
     assert torch.all(out.afa_weights[mask == 1] > 0)
-    # The video embedding is the normalised AFA-weighted sum of the frame embeddings.
-    pooled = (out.afa_weights[..., None] * out.frame_emb).sum(dim=1)
+    # TeachCLIP's AFA: pooling weights softmax(score / 0.1), FgT's weights softmax(score), so
+    # the pooling weights are the FgT weights sharpened tenfold (log softmax = score - const).
+    sharpened = (out.afa_weights.log() / 0.1).softmax(dim=1)
+    torch.testing.assert_close(out.pool_weights, sharpened, atol=1e-5, rtol=0)
+    assert torch.all(out.pool_weights[mask == 0] == 0)
+    # The video embedding is the normalised pool-weighted sum of the frame embeddings.
+    pooled = (out.pool_weights[..., None] * out.frame_emb).sum(dim=1)
     torch.testing.assert_close(out.video_emb, pooled / pooled.norm(dim=-1, keepdim=True))
+
+
+def test_afa_scores_frame_features_before_they_are_normalised(student):
+    seen = []
+    handle = student.afa.score.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            out = student.encode_video(random_frames(2), torch.ones(2, FRAMES))
+    finally:
+        handle.remove()
+    features = seen[0]
+    assert not torch.allclose(features.norm(dim=-1), torch.ones(2, FRAMES), atol=1e-3)
+    torch.testing.assert_close(F.normalize(features, dim=-1), out.frame_emb)
+
+
+def test_afa_pool_temperature_one_pools_with_the_fgt_weights():
+    model = build_student(StudentConfig(model="vidkd-vit-micro", afa_pool_temperature=1.0), FRAMES)
+    with torch.no_grad():
+        out = model.encode_video(random_frames(2), torch.ones(2, FRAMES))
+    torch.testing.assert_close(out.pool_weights, out.afa_weights)
+
+
+def test_logit_scale_is_capped_on_the_parameter_after_a_step_not_in_the_forward():
+    model = build_student(StudentConfig(model="vidkd-vit-micro"), FRAMES)
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(math.log(150.0))
+    scale = model.logit_scale
+    assert scale.item() == pytest.approx(150.0, rel=1e-5)  # the forward pass does not clamp ...
+    scale.backward()
+    assert model.clip.logit_scale.grad.item() == pytest.approx(150.0, rel=1e-5)  # ... so it keeps its gradient
+    model.clamp_logit_scale()
+    assert model.logit_scale.item() == pytest.approx(100.0, rel=1e-5)
 
 
 def test_student_metadata(student):
