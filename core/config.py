@@ -42,9 +42,12 @@ class SynthConfig(_Strict):
     captions_per_video: int = Field(3, ge=1, le=10)
     val_fraction: float = Field(0.15, ge=0, lt=0.5)
     test_fraction: float = Field(0.15, ge=0, lt=0.5)
+    pool_fraction: float = Field(0.0, ge=0, lt=1)  # split "pool": clips only a teacher trains on
 
     @model_validator(mode="after")
     def _lengths(self) -> "SynthConfig":
+        if self.val_fraction + self.test_fraction + self.pool_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction + pool_fraction must leave some train videos")
         if self.max_seconds < self.min_seconds:
             raise ValueError("max_seconds must be >= min_seconds")
         if self.width % 2 or self.height % 2:
@@ -147,6 +150,8 @@ class DistillConfig(_Strict):
     student: StudentConfig = StudentConfig()
     loss: LossConfig = LossConfig()
     teacher_mode: Literal["cached", "online", "none"] = "cached"
+    # The splits trained on. A teacher trained here may add "pool" (videos no student sees).
+    train_splits: list[Literal["train", "pool"]] = Field(default_factory=lambda: ["train"], min_length=1)
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=2)  # global batch, split across workers
     lr: float = Field(1e-4, gt=0, le=1)  # pretrained CLIP towers
@@ -259,6 +264,14 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local instance
 
 
+class ReportConfig(_Strict):
+    """The pipeline's closing table."""
+
+    # The student's R@1 std over seeds for this config, as bench/quality.py measured it: the
+    # closing table says how large a difference must be to be more than run-to-run noise.
+    seed_std_r1: float | None = Field(None, ge=0)
+
+
 class TeacherTrainingConfig(_Strict):
     """The demo trains its own teacher: distill with no teacher, on a larger model."""
 
@@ -274,6 +287,7 @@ class VidkdConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     teacher_training: TeacherTrainingConfig | None = None
+    report: ReportConfig = ReportConfig()
     output_dir: str = "runs"
 
 

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-SPLITS = ("train", "val", "test")
+# pool: videos only a teacher trains on (its extra data, as real teachers are trained on far more
+# than the target set); students never read them (distill.train_splits).
+SPLITS = ("train", "val", "test", "pool")
 CSV_COLUMNS = ("video_id", "path", "caption", "split")
 JSONL_KEYS = ("video_id", "path", "captions", "split")
 

@@ -606,13 +606,14 @@ def _make_video(index: int, cfg: SynthConfig, video_dir: Path) -> tuple[str, lis
 
 
 def split_names(count: int, cfg: SynthConfig) -> list[str]:
-    """train/val/test per video index: a seeded shuffle; each nonzero fraction gets one video at least."""
-    n_val = max(round(count * cfg.val_fraction), 1 if cfg.val_fraction > 0 else 0)
-    n_test = max(round(count * cfg.test_fraction), 1 if cfg.test_fraction > 0 else 0)
+    """train/val/test/pool per video index: a seeded shuffle; each nonzero fraction gets one video at least."""
+    sizes = [max(round(count * fraction), 1 if fraction > 0 else 0)
+             for fraction in (cfg.test_fraction, cfg.val_fraction, cfg.pool_fraction)]
     order = np.random.default_rng((_seed_entropy(cfg.seed), 0)).permutation(count)
     names = ["train"] * count
-    for position, index in enumerate(order[: n_test + n_val]):
-        names[index] = "test" if position < n_test else "val"
+    bounds = np.cumsum(sizes)
+    for position, index in enumerate(order[: bounds[-1]]):
+        names[index] = ("test", "val", "pool")[int(np.searchsorted(bounds, position, side="right"))]
     return names
 
 

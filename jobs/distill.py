@@ -149,7 +149,7 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.AdamW(student.param_groups(cfg.lr, cfg.lr_new, cfg.weight_decay))
 
     per_worker_batch = worker_batch_size(cfg, session.world_size)
-    steps_per_epoch = max(1, meta.counts.get("train", 0) // session.world_size // per_worker_batch)
+    steps_per_epoch = max(1, train_videos(meta, cfg) // session.world_size // per_worker_batch)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_frac * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
@@ -318,20 +318,27 @@ def check_table(meta: TableMeta, distill: DistillConfig, table_dir: str | Path) 
     """Refuse, before any worker starts, a table this training cannot use."""
     if distill.teacher_mode == "cached" and not meta.has_teacher:
         raise ValueError(f"{table_dir} holds no teacher embeddings: use distill.teacher_mode none or online")
-    need, have = worker_batch_size(distill, distill.num_workers) * distill.num_workers, meta.counts.get("train", 0)
+    need, have = worker_batch_size(distill, distill.num_workers) * distill.num_workers, train_videos(meta, distill)
     if have < need:
-        raise ValueError(f"{table_dir} has {have} train videos; batch_size {distill.batch_size} on "
+        raise ValueError(f"{table_dir} has {have} {'+'.join(distill.train_splits)} videos; batch_size {distill.batch_size} on "
                          f"{distill.num_workers} workers needs {need} for one step")
     if not meta.counts.get("val"):
         raise ValueError(f"{table_dir} has no val videos: checkpoints are chosen on val (data.synth.val_fraction, "
                          "or val rows in the manifest)")
 
 
-def split_datasets(table: Any, meta: TableMeta) -> dict[str, Any]:
-    """{"train", "val", "test"} Ray Datasets from a materialized dataset or a table directory."""
+def train_videos(meta: TableMeta, distill: DistillConfig) -> int:
+    return sum(meta.counts.get(split, 0) for split in distill.train_splits)
+
+
+def split_datasets(table: Any, meta: TableMeta, train_splits: list[str] | None = None) -> dict[str, Any]:
+    """{"train", "val", "test"} Ray Datasets from a materialized dataset or a table directory;
+    "train" holds the rows of `train_splits` (default: the train split)."""
     if isinstance(table, (str, Path)):
         table = ray.data.read_parquet(str(table), file_extensions=["parquet"])
-    splits = {split: table.filter(expr=f"split == '{split}'").materialize() for split in ("train", "val", "test")}
+    train = " or ".join(f"split == '{split}'" for split in (train_splits or ["train"]))
+    splits = {name: table.filter(expr=expr).materialize()
+              for name, expr in (("train", train), ("val", "split == 'val'"), ("test", "split == 'test'"))}
     for ds in splits.values():  # read every epoch: the epoch's log line says enough, no bar per pass
         ds.context.enable_progress_bars = False
     return splits
@@ -361,7 +368,7 @@ def run_distill(
     teacher = teacher or cfg.extract.teacher
     meta = read_meta(table_dir)
     check_table(meta, distill, table_dir)
-    datasets = datasets or split_datasets(table_dir, meta)
+    datasets = datasets or split_datasets(table_dir, meta, distill.train_splits)
     storage = storage_path(distill.storage_dir)
     run_name = training_name(name, meta, distill, teacher, logger.run_id if logger else str(int(time.time())))
     if logger:

@@ -26,7 +26,7 @@ from ray.data.expressions import col
 
 from core import features
 from core.config import ExtractConfig, RayConfig, TeacherConfig, VidkdConfig
-from core.datasets import VideoRecord, read_manifest
+from core.datasets import SPLITS, VideoRecord, read_manifest
 from core.features import SCHEMA, TableMeta, TableSink, to_bytes
 from core.teachers import build_teacher
 from core.teachers.base import hash_files
@@ -254,7 +254,7 @@ def _build_table(
     if not sink.counts:
         shutil.rmtree(staging, ignore_errors=True)
         raise ExtractError(f"every video failed to decode ({len(failures)} failures; first: {failures[0]})")
-    counts = {split: sink.counts.get(split, 0) for split in ("train", "val", "test")}
+    counts = {split: sink.counts.get(split, 0) for split in SPLITS}
     meta = TableMeta(
         num_frames=ecfg.num_frames,
         image_size=ecfg.image_size,

@@ -125,7 +125,7 @@ def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
         if table.dataset is not None:  # the same job keeps the table in the object store
             from jobs.distill import split_datasets
 
-            datasets = split_datasets(table.dataset, table.meta)
+            datasets = split_datasets(table.dataset, table.meta, cfg.distill.train_splits)
 
         distill_cfg = cfg.distill
         if cfg.tune.enabled:

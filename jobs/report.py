@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,19 @@ def latency_ms(encode: Callable[[torch.Tensor, torch.Tensor], Any], batches: lis
             encode(frames, mask)
             times.append((time.perf_counter() - start) * 1000)
     return float(sorted(times)[len(times) // 2])
+
+
+def spread_line(r1: float, queries: int, seed_std: float | None) -> str:
+    """What a difference in R@1 has to beat: the test split's sampling error (binomial, one
+    standard error at the baseline's R@1) and, where it was measured for this config, the
+    student's seed-to-seed spread."""
+    p = min(max(r1 / 100, 0.0), 1.0)
+    sampling = 100 * math.sqrt(p * (1 - p) / max(1, queries))
+    line = f"Expected run-to-run spread of R@1: ±{sampling:.1f} from sampling {queries} test queries"
+    if seed_std is not None:
+        line += (f"; ±{seed_std:.1f} seed to seed (std over seeds, measured by bench/quality.py on this config); "
+                 f"a difference under {2 * seed_std:.1f} is noise")
+    return line
 
 
 def _size_mb(path: str | Path) -> float:
@@ -68,12 +82,18 @@ def final_report(cfg: VidkdConfig, table_dir: Path, teacher: TeacherConfig, stud
             sim = (text_emb[first] @ video_emb.T).numpy()
             parent.log_figure(similarity_heatmap(sim, "student: test caption x video"), "plots/student_similarity.png")
 
-    header = f"{'model':<27} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'size MB':>8} {'ms/video':>9}"
-    lines = [f"Test split: {meta.counts.get('test', 0)} videos (text-to-video retrieval, CPU latency)", header,
-             "-" * len(header)]
+    queries = sum(len(caps) for batch in test for caps in batch.captions)
+    baseline_r1 = rows["student (no distillation)"]["t2v_R1"]
+    header = (f"{'model':<27} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'v2t R@1':>8} {'R@1 vs none':>11} "
+              f"{'size MB':>8} {'ms/video':>9}")
+    lines = [f"Test split: {meta.counts.get('test', 0)} videos, {queries} caption queries "
+             f"(text-to-video R@k; one query = {100 / max(1, queries):.2f} R@1 points; CPU latency)",
+             header, "-" * len(header)]
     for name, m in rows.items():
-        lines.append(f"{name:<27} {m['t2v_R1']:>6.1f} {m['t2v_R5']:>6.1f} {m['t2v_R10']:>6.1f} "
-                     f"{m.get('size_mb', float('nan')):>8.2f} {m.get('latency_ms', float('nan')):>9.1f}")
+        versus = f"{m['t2v_R1'] - baseline_r1:+.1f}" if name.startswith("student") and "no distillation" not in name else ""
+        lines.append(f"{name:<27} {m['t2v_R1']:>6.1f} {m['t2v_R5']:>6.1f} {m['t2v_R10']:>6.1f} {m['v2t_R1']:>8.1f} "
+                     f"{versus:>11} {m.get('size_mb', float('nan')):>8.2f} {m.get('latency_ms', float('nan')):>9.1f}")
+    lines.append(spread_line(baseline_r1, queries, cfg.report.seed_std_r1))
     text = "\n".join(lines)
     for name, m in rows.items():
         key = name.replace(" ", "_").replace("(", "").replace(")", "")

@@ -30,6 +30,8 @@ def test_overrides_are_typed():
         ("quantize.group_size=100", "quantize.group_size: group_size must be -1 or a power of two"),
         ("tune.space.loss.nope={low: 1, high: 2}", "`loss.nope` is not a distill setting"),
         ("extract.teacher={kind: internvideo2, path: models/iv2}", "extract.teacher: internvideo2 runs the checkpoint's own code"),
+        ("distill.train_splits=[train, test]", "distill.train_splits.1: Input should be 'train' or 'pool'"),
+        ("distill.train_splits=[]", "distill.train_splits: List should have at least 1 item"),
     ],
 )
 def test_bad_values_are_one_line_naming_the_field(override, message):
@@ -48,6 +50,12 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     bad.write_text("distill: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_quality_preset_loads_with_a_teacher_that_trains_on_the_pool():
+    cfg = load_config("configs/quality.yaml")
+    assert cfg.data.synth.pool_fraction > 0.5 and cfg.teacher_training.distill.train_splits == ["train", "pool"]
+    assert cfg.distill.train_splits == ["train"] and cfg.distill.loss.w_fgt == 2.0
 
 
 def test_teacher_mode_none_needs_objective_none():

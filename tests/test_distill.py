@@ -15,7 +15,8 @@ from core.losses import fgt_target, teachclip_loss, teacher_similarity
 from core.student import build_student, load_student
 from core.teachers import build_teacher
 from core.training import cached_teacher, online_teacher, warmup_cosine
-from jobs.distill import STATE_FILE, check_table, run_distill, shuffled_blocks, training_name
+from jobs.distill import (STATE_FILE, check_table, run_distill, shuffled_blocks, split_datasets, train_videos,
+                          training_name)
 from jobs.extract import run_extract
 from jobs.quantize import table_batches
 from jobs.tracking import RunLogger
@@ -147,6 +148,24 @@ def test_online_teacher_mode_trains(teacher_table, tmp_path):
     epoch = result.history[0]
     assert all(math.isfinite(epoch[f"train_{t}"]) for t in ("cgt", "fgt", "teacher_video_entropy"))
     assert 0 < epoch["train_teacher_frame_entropy"] <= 1
+
+
+def test_train_splits_choose_the_rows_a_training_reads(ray_local):
+    import ray
+
+    rows = [{"video_id": f"v{i}", "split": split} for i, split in enumerate(["train", "pool", "val", "test", "pool"])]
+    meta = TableMeta(num_frames=4, image_size=32, teacher={"kind": "none"},
+                     counts={"train": 1, "pool": 2, "val": 1, "test": 1})
+    table = ray.data.from_items(rows)
+    ids = lambda ds: sorted(r["video_id"] for r in ds.take_all())  # noqa: E731
+    student = split_datasets(table, meta)
+    assert ids(student["train"]) == ["v0"] and ids(student["val"]) == ["v2"] and ids(student["test"]) == ["v3"]
+    teacher = split_datasets(table, meta, ["train", "pool"])
+    assert ids(teacher["train"]) == ["v0", "v1", "v4"] and ids(teacher["val"]) == ["v2"]
+    assert train_videos(meta, DistillConfig(train_splits=["train", "pool"])) == 3
+    with pytest.raises(ValueError, match="has 1 train videos"):
+        check_table(meta, DistillConfig(teacher_mode="none", loss={"objective": "none"}, batch_size=2, num_workers=1),
+                    "features/abc")
 
 
 def test_frames_only_table_refuses_cached_mode(ray_local, synth_dataset, tmp_path):

@@ -33,8 +33,10 @@ def pipeline_raw(tmp: Path) -> dict:
     cfg = tiny_config(tmp, data_root / "manifest.jsonl")
     raw = cfg.model_dump(mode="json")
     raw["data"]["synth"] = {"videos": 30, "seed": 1, "fps": 6, "width": 64, "height": 48, "min_seconds": 1.0,
-                            "max_seconds": 2.0, "val_fraction": 0.2, "test_fraction": 0.2}
+                            "max_seconds": 2.0, "val_fraction": 0.2, "test_fraction": 0.2,
+                            "pool_fraction": 0.2}
     raw["teacher_training"] = {"distill": {**raw["distill"], "epochs": 1, "num_workers": 1, "teacher_mode": "none",
+                                           "train_splits": ["train", "pool"],
                                            "loss": {**raw["distill"]["loss"], "objective": "none"}}}
     raw["distill"].update(epochs=1, num_workers=1)
     raw["quantize"]["calib_samples"] = 16
@@ -65,6 +67,9 @@ def test_pipeline_summary_and_skips(pipeline_run):
         assert 0 <= row["t2v_R1"] <= 100
     assert summary["rows"]["student INT4"]["size_mb"] < summary["rows"]["student"]["size_mb"]
     assert "R@1" in summary["text"] and "ms/video" in summary["text"]
+    lines = summary["text"].splitlines()
+    assert lines[0].startswith("Test split: 6 videos, 18 caption queries")
+    assert lines[-1].startswith("Expected run-to-run spread of R@1")
     assert again["rows"]["student"]["t2v_R1"] == summary["rows"]["student"]["t2v_R1"]
     stages = sorted(p.name.split("-")[0] for p in (tmp / "runs" / "stages").glob("*.json"))
     assert stages == ["data", "distill", "distill", "quantize", "teacher"]

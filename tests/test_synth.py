@@ -74,6 +74,18 @@ def test_splits_follow_the_fractions(small_dataset):
     assert set(split_names(10, SynthConfig(videos=10, val_fraction=0, test_fraction=0))) == {"train"}
 
 
+def test_a_pool_split_for_the_teacher_leaves_the_other_splits_alone():
+    plain = SynthConfig(videos=200, val_fraction=0.15, test_fraction=0.1)
+    pooled = plain.model_copy(update={"pool_fraction": 0.5})
+    names, with_pool = split_names(200, plain), split_names(200, pooled)
+    assert {n: with_pool.count(n) for n in ("train", "val", "test", "pool")} == {"train": 50, "val": 30, "test": 20,
+                                                                                "pool": 100}
+    # val and test are the same videos with or without a pool: the pool comes out of train only
+    assert [i for i, n in enumerate(names) if n != "train"] == [i for i, n in enumerate(with_pool) if n in ("val", "test")]
+    with pytest.raises(ValueError, match="must leave some train videos"):
+        SynthConfig(videos=100, val_fraction=0.2, test_fraction=0.2, pool_fraction=0.6)
+
+
 def test_same_seed_same_dataset_whatever_the_workers(tmp_path):
     cfg = SynthConfig(videos=5, seed=11, **SMALL)
     one = generate_dataset(tmp_path / "one", cfg, progress=False, workers=1)

@@ -1,0 +1,194 @@
+"""Does distillation help, by how much, and which term carries it? A protocol fixed in advance.
+
+    python bench/quality.py --config configs/quality.yaml [--seeds 0 1 2] [--variants none teachclip ...]
+
+1. The data and the teacher come from the config's own stages (cached under its output_dir):
+   a synthetic set with a `pool` split only the teacher trains on, and the teacher trained on
+   pool + train with no teacher of its own.
+2. Every student is the config's `distill` section on the same target set (the train split),
+   changed only in its objective and its seed:
+     none          InfoNCE alone, no teacher (the baseline)
+     teachclip     InfoNCE + CgT + FgT, TeachCLIP's published weights and temperatures
+     infonce+cgt   TeachCLIP without FgT
+     infonce+fgt   TeachCLIP without CgT
+     dldkd         DLDKD from the same cached teacher
+   Each keeps the checkpoint of its best val epoch; nothing is chosen on test.
+3. Test: t2v R@1/5/10 and v2t R@1 of every run, mean +- std over seeds, and the paired
+   difference to the baseline of the same seed. The teacher's R@1 and CPU ms/video beside them.
+
+Every training is a stage of its own in the StageCache: a run that stops part-way continues
+where it stopped. Results: a Markdown report on stdout and `<output_dir>/quality.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from core.config import DistillConfig, VidkdConfig, load_config
+
+VARIANTS = ("none", "teachclip", "infonce+cgt", "infonce+fgt", "dldkd")
+METRICS = ("t2v_R1", "t2v_R5", "t2v_R10", "t2v_MdR", "v2t_R1")
+
+
+def variant_config(base: DistillConfig, variant: str, seed: int) -> DistillConfig:
+    """The base student settings with one objective and one seed; nothing else moves."""
+    loss = base.loss
+    mode = "cached"
+    if variant == "none":
+        loss, mode = loss.model_copy(update={"objective": "none"}), "none"
+    elif variant == "teachclip":
+        loss = loss.model_copy(update={"objective": "teachclip"})
+    elif variant == "infonce+cgt":
+        loss = loss.model_copy(update={"objective": "teachclip", "w_fgt": 0.0})
+    elif variant == "infonce+fgt":
+        loss = loss.model_copy(update={"objective": "teachclip", "w_cgt": 0.0})
+    elif variant == "dldkd":
+        loss = loss.model_copy(update={"objective": "dldkd"})
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    return base.model_copy(update={"loss": loss, "teacher_mode": mode, "seed": seed})
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def run_protocol(cfg: VidkdConfig, seeds: list[int], variants: list[str]) -> dict[str, Any]:
+    import torch
+
+    from core.features import read_meta
+    from core.student import load_student
+    from core.teachers import build_teacher
+    from core.evaluation import evaluate_teacher_table
+    from jobs.distill import run_distill, split_datasets
+    from jobs.extract import run_extract
+    from jobs.pipeline import StageCache, load_records, stage_data, stage_teacher
+    from jobs.quantize import evaluate_student, table_batches
+    from jobs.report import latency_ms
+    from jobs.runtime import init_ray
+    from jobs.tracking import RunLogger
+
+    cache = StageCache(cfg, None)
+    stage_data(cfg, cache)
+    records = load_records(cfg)
+    init_ray(cfg.ray)
+    parent = RunLogger.create("bench-quality", cfg.tracking, tags={"vidkd.stage": "bench"}, output_dir=cfg.output_dir)
+    with parent.running():
+        teacher = stage_teacher(cfg, cache, records, parent)
+        extract_run = parent.child("extract", {"vidkd.stage": "extract"})
+        with extract_run.running():
+            table = run_extract(cfg, records, teacher=teacher, logger=extract_run)
+        meta = read_meta(table.table_dir)
+        datasets = split_datasets(table.dataset if table.dataset is not None else table.table_dir, meta,
+                                  cfg.distill.train_splits)
+        test = table_batches(table.table_dir, meta, "test")
+
+        teacher_model = build_teacher(teacher)
+        teacher_row = {**evaluate_teacher_table(test),
+                       "latency_ms": latency_ms(lambda f, m: teacher_model.encode_video(f, m)[0], test)}
+
+        runs: list[dict[str, Any]] = []
+        for seed in seeds:
+            for variant in variants:
+                dcfg = variant_config(cfg.distill, variant, seed)
+                name = f"{variant.replace('+', '-')}-seed{seed}"
+
+                def build(dcfg=dcfg, name=name) -> dict:
+                    run = parent.child(name, {"vidkd.stage": "distill", "vidkd.variant": variant})
+                    start = time.perf_counter()
+                    with run.running():
+                        result = run_distill(cfg, table.table_dir, datasets, distill=dcfg, logger=run, name=name,
+                                             teacher=teacher)
+                    return {"checkpoint": str(result.checkpoint), "val": result.metrics,
+                            "train_s": time.perf_counter() - start}
+
+                out = cache.run("distill", [meta.cache_key, dcfg.model_dump()], build,
+                                check=lambda o: Path(o["checkpoint"]).exists(), label=f"quality-{name}")
+                student = load_student(out["checkpoint"]).eval()
+                with torch.no_grad():
+                    metrics = evaluate_student(student, test, "cpu")
+                row = {"variant": variant, "seed": seed, "checkpoint": out["checkpoint"],
+                       "val_R1": out["val"]["val_t2v_R1"], "best_epoch": out["val"]["epoch"],
+                       **{k: metrics[k] for k in METRICS}}
+                for key in ("train_teacher_video_entropy", "train_teacher_frame_entropy"):
+                    if key in out["val"]:  # how much the teacher's targets say (1.0 = uniform)
+                        row[key.removeprefix("train_")] = out["val"][key]
+                runs.append(row)
+                print(f"{name}: test t2v R@1 {row['t2v_R1']:.1f}  (val {row['val_R1']:.1f}, epoch {row['best_epoch']})",
+                      flush=True)
+
+        student_latency = latency_ms(lambda f, m: student.encode_video(f, m).video_emb, test)
+        summary = {"config": cfg.model_dump(mode="json"), "seeds": seeds, "variants": variants,
+                   "test_videos": meta.counts.get("test", 0), "test_queries": sum(len(b.captions[i])
+                                                                                   for b in test for i in range(len(b))),
+                   "teacher": teacher_row, "student_latency_ms": student_latency, "runs": runs}
+        report = format_report(summary)
+        parent.log_text(report, "quality.md")
+        parent.log_dict(summary, "quality.json")
+    (Path(cfg.output_dir) / "quality.json").write_text(json.dumps(summary, indent=1, default=str))
+    return {**summary, "report": report}
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    runs, variants = summary["runs"], summary["variants"]
+    teacher = summary["teacher"]
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    lines = [
+        f"Test split: {summary['test_videos']} videos, {summary['test_queries']} caption queries "
+        f"(one query = {100 / summary['test_queries']:.2f} R@1 points); seeds {summary['seeds']}",
+        "",
+        "| model | t2v R@1 | t2v R@5 | t2v R@10 | v2t R@1 | R@1 − no teacher (paired) | ms/video (CPU, batch 1) |",
+        "|---|---|---|---|---|---|---|",
+        f"| teacher | {teacher['t2v_R1']:.1f} | {teacher['t2v_R5']:.1f} | {teacher['t2v_R10']:.1f} | "
+        f"{teacher['v2t_R1']:.1f} | | {teacher['latency_ms']:.2f} |",
+    ]
+    for variant in variants:
+        rows = [r for r in runs if r["variant"] == variant]
+        if not rows:
+            continue
+        diffs = [r["t2v_R1"] - by[("none", r["seed"])]["t2v_R1"] for r in rows if ("none", r["seed"]) in by]
+        diff = fmt(diffs) if diffs and variant != "none" else ""
+        latency = f"{summary['student_latency_ms']:.2f}" if variant == "none" else ""
+        lines.append(f"| student: {variant} | {fmt([r['t2v_R1'] for r in rows])} | {fmt([r['t2v_R5'] for r in rows])} | "
+                     f"{fmt([r['t2v_R10'] for r in rows])} | {fmt([r['v2t_R1'] for r in rows])} | {diff} | {latency} |")
+    lines += ["", "Every run (test t2v R@1 / R@5, val R@1 of the kept epoch, that epoch):", "",
+              "| variant | " + " | ".join(f"seed {s}" for s in summary["seeds"]) + " |",
+              "|---|" + "---|" * len(summary["seeds"])]
+    for variant in variants:
+        cells = []
+        for seed in summary["seeds"]:
+            r = by.get((variant, seed))
+            cells.append(f"{r['t2v_R1']:.1f} / {r['t2v_R5']:.1f} (val {r['val_R1']:.1f}, ep {r['best_epoch']})"
+                         if r else "")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/quality.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, as vidkd --set")
+    args = parser.parse_args()
+    if "none" not in args.variants:
+        parser.error("the no-teacher baseline (variant none) is what every difference is measured against")
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    result = run_protocol(cfg, args.seeds, args.variants)
+    print(result["report"])
+    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
