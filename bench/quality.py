@@ -13,6 +13,10 @@
      infonce+fgt   TeachCLIP without CgT
      dldkd         DLDKD from the same cached teacher
    Each keeps the checkpoint of its best val epoch; nothing is chosen on test.
+   One setting is chosen, on val, before the grid runs: the teacher's video-level temperature
+   `tau_video`, among the pre-declared `--tau-video` candidates (TeachCLIP's constant 0.01 first,
+   which assumes a teacher at CLIP's logit scale of 100; a teacher trained here has its own), by
+   the best val R@1 of a TeachCLIP student with the first seed. Ties keep the earlier candidate.
 3. Test: t2v R@1/5/10 and v2t R@1 of every run, mean +- std over seeds, and the paired
    difference to the baseline of the same seed. The teacher's R@1 and CPU ms/video beside them.
 
@@ -63,7 +67,8 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
-def run_protocol(cfg: VidkdConfig, seeds: list[int], variants: list[str]) -> dict[str, Any]:
+def run_protocol(cfg: VidkdConfig, seeds: list[int], variants: list[str],
+                 tau_video_candidates: list[float]) -> dict[str, Any]:
     import torch
 
     from core.features import read_meta
@@ -97,41 +102,55 @@ def run_protocol(cfg: VidkdConfig, seeds: list[int], variants: list[str]) -> dic
         teacher_row = {**evaluate_teacher_table(test),
                        "latency_ms": latency_ms(lambda f, m: teacher_model.encode_video(f, m)[0], test)}
 
+        def train(variant: str, seed: int, distill: DistillConfig) -> dict[str, Any]:
+            dcfg = variant_config(distill, variant, seed)
+            name = f"{variant.replace('+', '-')}-seed{seed}-tau{dcfg.loss.tau_video:g}"
+
+            def build() -> dict:
+                run = parent.child(name, {"vidkd.stage": "distill", "vidkd.variant": variant})
+                start = time.perf_counter()
+                with run.running():
+                    result = run_distill(cfg, table.table_dir, datasets, distill=dcfg, logger=run, name=name,
+                                         teacher=teacher)
+                return {"checkpoint": str(result.checkpoint), "val": result.metrics,
+                        "train_s": time.perf_counter() - start}
+
+            out = cache.run("distill", [meta.cache_key, dcfg.model_dump()], build,
+                            check=lambda o: Path(o["checkpoint"]).exists(), label=f"quality-{name}")
+            row = {"variant": variant, "seed": seed, "tau_video": dcfg.loss.tau_video, "checkpoint": out["checkpoint"],
+                   "val_R1": out["val"]["val_t2v_R1"], "best_epoch": out["val"]["epoch"]}
+            for key in ("train_teacher_video_entropy", "train_teacher_frame_entropy"):
+                if key in out["val"]:  # how much the teacher's targets say (1.0 = uniform)
+                    row[key.removeprefix("train_")] = out["val"][key]
+            return row
+
+        # the one choice made before the grid, on val only
+        selection = [train("teachclip", seeds[0], cfg.distill.model_copy(
+            update={"loss": cfg.distill.loss.model_copy(update={"tau_video": tau})})) for tau in tau_video_candidates]
+        chosen = max(selection, key=lambda r: r["val_R1"])["tau_video"]  # max keeps the first of equals
+        for row in selection:
+            print(f"selection: tau_video {row['tau_video']:g}: val R@1 {row['val_R1']:.1f}", flush=True)
+        distill = cfg.distill.model_copy(update={"loss": cfg.distill.loss.model_copy(update={"tau_video": chosen})})
+
         runs: list[dict[str, Any]] = []
         for seed in seeds:
             for variant in variants:
-                dcfg = variant_config(cfg.distill, variant, seed)
-                name = f"{variant.replace('+', '-')}-seed{seed}"
-
-                def build(dcfg=dcfg, name=name) -> dict:
-                    run = parent.child(name, {"vidkd.stage": "distill", "vidkd.variant": variant})
-                    start = time.perf_counter()
-                    with run.running():
-                        result = run_distill(cfg, table.table_dir, datasets, distill=dcfg, logger=run, name=name,
-                                             teacher=teacher)
-                    return {"checkpoint": str(result.checkpoint), "val": result.metrics,
-                            "train_s": time.perf_counter() - start}
-
-                out = cache.run("distill", [meta.cache_key, dcfg.model_dump()], build,
-                                check=lambda o: Path(o["checkpoint"]).exists(), label=f"quality-{name}")
-                student = load_student(out["checkpoint"]).eval()
+                row = train(variant, seed, distill)
+                student = load_student(row["checkpoint"]).eval()
                 with torch.no_grad():
                     metrics = evaluate_student(student, test, "cpu")
-                row = {"variant": variant, "seed": seed, "checkpoint": out["checkpoint"],
-                       "val_R1": out["val"]["val_t2v_R1"], "best_epoch": out["val"]["epoch"],
-                       **{k: metrics[k] for k in METRICS}}
-                for key in ("train_teacher_video_entropy", "train_teacher_frame_entropy"):
-                    if key in out["val"]:  # how much the teacher's targets say (1.0 = uniform)
-                        row[key.removeprefix("train_")] = out["val"][key]
+                row.update({k: metrics[k] for k in METRICS})
                 runs.append(row)
-                print(f"{name}: test t2v R@1 {row['t2v_R1']:.1f}  (val {row['val_R1']:.1f}, epoch {row['best_epoch']})",
-                      flush=True)
+                print(f"{variant} seed {seed}: test t2v R@1 {row['t2v_R1']:.1f}  "
+                      f"(val {row['val_R1']:.1f}, epoch {row['best_epoch']})", flush=True)
 
         student_latency = latency_ms(lambda f, m: student.encode_video(f, m).video_emb, test)
         summary = {"config": cfg.model_dump(mode="json"), "seeds": seeds, "variants": variants,
                    "test_videos": meta.counts.get("test", 0), "test_queries": sum(len(b.captions[i])
                                                                                    for b in test for i in range(len(b))),
-                   "teacher": teacher_row, "student_latency_ms": student_latency, "runs": runs}
+                   "teacher": teacher_row, "student_latency_ms": student_latency, "runs": runs,
+                   "selection": [{k: r[k] for k in ("tau_video", "val_R1", "best_epoch")} for r in selection],
+                   "tau_video": chosen}
         report = format_report(summary)
         parent.log_text(report, "quality.md")
         parent.log_dict(summary, "quality.json")
@@ -161,6 +180,14 @@ def format_report(summary: dict[str, Any]) -> str:
         latency = f"{summary['student_latency_ms']:.2f}" if variant == "none" else ""
         lines.append(f"| student: {variant} | {fmt([r['t2v_R1'] for r in rows])} | {fmt([r['t2v_R5'] for r in rows])} | "
                      f"{fmt([r['t2v_R10'] for r in rows])} | {fmt([r['v2t_R1'] for r in rows])} | {diff} | {latency} |")
+    lines += ["", "Chosen on val before the grid (TeachCLIP student, seed " + str(summary["seeds"][0]) + "): tau_video "
+              + ", ".join(f"{r['tau_video']:g} -> val R@1 {r['val_R1']:.1f}" for r in summary["selection"])
+              + f"; chosen {summary['tau_video']:g}."]
+    entropies = [r for r in runs if "teacher_video_entropy" in r]
+    if entropies:
+        lines.append("Teacher targets at these temperatures, entropy as a fraction of uniform (1.0 says nothing): "
+                     f"video-level {statistics.fmean(r['teacher_video_entropy'] for r in entropies):.2f}, "
+                     f"frame-level {statistics.fmean(r['teacher_frame_entropy'] for r in entropies):.2f}.")
     lines += ["", "Every run (test t2v R@1 / R@5, val R@1 of the kept epoch, that epoch):", "",
               "| variant | " + " | ".join(f"seed {s}" for s in summary["seeds"]) + " |",
               "|---|" + "---|" * len(summary["seeds"])]
@@ -179,13 +206,15 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quality.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--tau-video", type=float, nargs="+", default=[0.01, 0.05],
+                        help="candidates for the teacher's video-level temperature, chosen on val (first: the default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, as vidkd --set")
     args = parser.parse_args()
     if "none" not in args.variants:
         parser.error("the no-teacher baseline (variant none) is what every difference is measured against")
     cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
-    result = run_protocol(cfg, args.seeds, args.variants)
+    result = run_protocol(cfg, args.seeds, args.variants, args.tau_video)
     print(result["report"])
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
 

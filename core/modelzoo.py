@@ -1,8 +1,10 @@
 """Named model configs shipped with vidkd, registered with open_clip's factory.
 
 open_clip creates every model from a named JSON config; vidkd adds its own small ones
-(`vidkd-vit-micro` for tests, `vidkd-vit-tiny` for the demo student, `vidkd-vit-base` for the
-demo teacher, `vidkd-vit-small` for the heavier teacher of bench/train_step.py) beside open_clip's (ViT-B-32, convnext_base, ...), so one factory serves both.
+(`vidkd-vit-micro` for tests; `vidkd-vit-mini-32px` and `vidkd-vit-base-32px`, the student and
+teacher of the demo and of bench/quality.py; `vidkd-vit-tiny`, `vidkd-vit-base` and
+`vidkd-vit-small` at 64 px for the other benchmarks) beside open_clip's (ViT-B-32,
+convnext_base, ...), so one factory serves both.
 """
 
 from __future__ import annotations

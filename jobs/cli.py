@@ -46,6 +46,9 @@ def data_synth(
     height: int = typer.Option(64, "--height"),
     min_seconds: float = typer.Option(1.0, "--min-seconds"),
     max_seconds: float = typer.Option(4.0, "--max-seconds"),
+    val_fraction: float = typer.Option(0.15, "--val-fraction"),
+    test_fraction: float = typer.Option(0.15, "--test-fraction"),
+    pool_fraction: float = typer.Option(0.0, "--pool-fraction", help="Clips only a teacher trains on (split pool)"),
 ) -> None:
     """Generate the synthetic driving-scene dataset (real H.264 mp4 files + manifest)."""
     from core.config import config_from_dict
@@ -54,7 +57,8 @@ def data_synth(
     try:
         cfg = config_from_dict(
             dict(videos=videos, seed=seed, fps=fps, width=width, height=height, min_seconds=min_seconds,
-                 max_seconds=max_seconds),
+                 max_seconds=max_seconds, val_fraction=val_fraction, test_fraction=test_fraction,
+                 pool_fraction=pool_fraction),
             SynthConfig,
         )
     except ConfigError as error:
@@ -108,13 +112,13 @@ def tune(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     table: Optional[Path] = typer.Option(None, "--table"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted search of this config"),
+    restart: bool = typer.Option(False, "--restart", help="Start anew instead of continuing this config's search"),
 ) -> None:
     """Stage 3: search temperatures and loss weights with Ray Tune."""
     from jobs.pipeline import run_single_stage
 
     _setup_logging()
-    run_single_stage("tune", _load(config, set_), table=table, resume=resume)
+    run_single_stage("tune", _load(config, set_), table=table, restart=restart)
 
 
 @app.command()

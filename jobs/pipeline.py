@@ -134,7 +134,8 @@ def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
             def tune_build() -> dict:
                 run = parent.child("tune", {"vidkd.stage": "tune"})
                 with run.running():
-                    result = run_tune(cfg, table.table_dir, datasets, logger=run, teacher=teacher)
+                    result = run_tune(cfg, table.table_dir, datasets, logger=run, teacher=teacher,
+                                      restart="tune" in cache.forced)
                 return {"best_config": str(result.config_path), "best_params": result.best_params}
 
             tuned = cache.run("tune", [table.meta.cache_key, cfg.tune.model_dump(), cfg.distill.model_dump()],
@@ -178,7 +179,7 @@ def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
     return summary
 
 
-def run_single_stage(stage: str, cfg: VidkdConfig, table: Path | None = None, resume: bool = False,
+def run_single_stage(stage: str, cfg: VidkdConfig, table: Path | None = None, restart: bool = False,
                      checkpoint: Path | None = None) -> Any:
     """`vidkd extract|distill|tune|quantize`: the stage with the table it needs (extracted, or
     reused from the cache, unless `--table` names one), in its own MLflow run."""
@@ -207,7 +208,10 @@ def run_single_stage(stage: str, cfg: VidkdConfig, table: Path | None = None, re
         elif stage == "tune":
             from jobs.tune import run_tune
 
-            result = run_tune(cfg, table, logger=run, resume=resume, teacher=teacher)
+            result = run_tune(cfg, table, logger=run, restart=restart, teacher=teacher)
+            from jobs.tune import ranked_trials
+
+            print(ranked_trials(result.trials, list(cfg.tune.space)))
             print(f"best config: {result.config_path} (val R@1 {result.best_metric:.1f})")
         elif stage == "quantize":
             from jobs.quantize import run_quantize

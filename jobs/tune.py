@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import yaml
 from ray import tune
@@ -116,7 +117,7 @@ def scheduler(tcfg):
 
 
 def experiment_name(cfg: VidkdConfig, table_key: str) -> str:
-    """Stable for the same table and search, so `--resume` finds the interrupted experiment."""
+    """Stable for the same table and search, so a search started again finds its experiment."""
     return "tune-" + digest([table_key, cfg.tune.model_dump(mode="json"), cfg.distill.model_dump(mode="json")], 12)
 
 
@@ -157,9 +158,13 @@ def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: R
 
 
 def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = None,
-             logger: RunLogger | None = None, resume: bool = False,
+             logger: RunLogger | None = None, restart: bool = False,
              teacher: TeacherConfig | None = None) -> TuneResult:
-    """Search the distill settings of `cfg.tune.space`; `teacher` as in `run_distill`."""
+    """Search the distill settings of `cfg.tune.space`; `teacher` as in `run_distill`.
+
+    The same search (table, search and distill settings) keeps one experiment name, so a search
+    started again after its driver died continues where it stopped, as distill does; a finished
+    one is returned as it is. `restart` deletes that experiment's trials and starts anew."""
     init_ray(cfg.ray)
     tcfg = cfg.tune
     meta = read_meta(table_dir)
@@ -168,7 +173,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     if tcfg.gpus_per_worker > 0:
         base = base.model_copy(update={"use_gpu": True})
     check_table(meta, base, table_dir)
-    datasets = datasets or split_datasets(table_dir, meta)
+    datasets = datasets or split_datasets(table_dir, meta, base.train_splits)
     trial_resources = {"cpu": tcfg.cpus_per_worker, "gpu": tcfg.gpus_per_worker}
     if tcfg.workers_per_trial > 1:
         trial_resources = {"cpu": 0}  # the trial only drives a TorchTrainer, whose workers hold the resources
@@ -188,12 +193,15 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     )
     path = run_path(storage, name)
     timing = TrialTiming()
-    if resume and tune.Tuner.can_restore(path):
-        log.warning("tune: resuming the search in %s", path)
+    if restart and tune.Tuner.can_restore(path):
+        log.warning("tune: --restart: deleting the earlier search in %s", path)
+        filesystem, directory = pyarrow.fs.FileSystem.from_uri(path)
+        filesystem.delete_dir(directory)
+    if tune.Tuner.can_restore(path):
+        log.warning("tune: continuing the search in %s (a finished one is returned as it is; --restart starts "
+                    "anew)", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
     else:
-        if resume:
-            log.warning("tune: nothing to resume in %s, starting a new search", path)
         searcher = ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[default_point(cfg)], seed=tcfg.seed),
                                       max_concurrent=max_concurrent)
         tuner = tune.Tuner(
@@ -254,6 +262,18 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                           "plots/val_R1_vs_hyperparameters.png")
     return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs, startup_share,
                       len(failures))
+
+
+def ranked_trials(trials: list[dict], space: list[str], top: int = 5) -> str:
+    """The best `top` trials as a table: rank, val R@1, epochs run, then each searched setting."""
+    ranked = sorted(trials, key=lambda t: t[TARGET_METRIC], reverse=True)[:top]
+    header = ["rank", "val R@1", "epochs"] + space
+    rows = [[str(i + 1), f"{t[TARGET_METRIC]:.1f}", str(t["epochs"])] + [f"{t[k]:.4g}" for k in space]
+            for i, t in enumerate(ranked)]
+    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return f"top {len(ranked)} of {len(trials)} trials\n" + "\n".join(lines)
 
 
 def _close_trial_runs(parent: RunLogger, trials: list[dict], max_epochs: int) -> None:

@@ -7,6 +7,9 @@ def test_demo_preset_loads():
     cfg = load_config("configs/demo.yaml")
     assert isinstance(cfg, VidkdConfig)
     assert cfg.data.synth is not None and cfg.teacher_training is not None
+    # the demo's teacher knows more than the students' labels: it also trains on the pool
+    assert cfg.data.synth.pool_fraction > 0 and cfg.teacher_training.distill.train_splits == ["train", "pool"]
+    assert round(cfg.data.synth.videos * cfg.data.synth.test_fraction) * cfg.data.synth.captions_per_video >= 200
 
 
 def test_msrvtt_preset_loads():

@@ -6,7 +6,7 @@ import yaml
 
 from core.config import TuneConfig, load_config
 from jobs.tracking import RunLogger
-from jobs.tune import TARGET_METRIC, default_point, run_tune
+from jobs.tune import TARGET_METRIC, default_point, ranked_trials, run_tune
 
 
 def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_path, tracking_dir):
@@ -54,6 +54,17 @@ def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_
     artifacts = {a.path for a in client.list_artifacts(parent.run_id)}
     assert {"best_config", "plots", "trials.json"} <= artifacts
 
+    # Started again with no flag (as after its driver died), the same search continues its
+    # experiment: finished, it is returned as it is, with no trial run again.
+    again = run_tune(cfg, table.table_dir)
+    assert sorted(t["trial_id"] for t in again.trials) == sorted(t["trial_id"] for t in result.trials)
+    assert again.best_metric == result.best_metric and again.best_params == result.best_params
+
+    table_text = ranked_trials(result.trials, list(cfg.tune.space), top=3)
+    lines = table_text.splitlines()
+    assert lines[0] == "top 3 of 6 trials" and lines[1].split()[:3] == ["rank", "val", "R@1"]
+    assert float(lines[2].split()[1]) == round(result.best_metric, 1)
+
 
 def test_search_with_the_online_teacher(teacher_table, tmp_path):
     """Trials get the teacher the online mode encodes with, as a distill run does."""
@@ -65,3 +76,6 @@ def test_search_with_the_online_teacher(teacher_table, tmp_path):
     })
     result = run_tune(cfg, table.table_dir, teacher=cfg.extract.teacher)
     assert len(result.trials) == 1 and result.trials[0]["epochs"] == 1 and result.failed_trials == 0
+    # --restart: the earlier search is gone and a new one runs (a new trial)
+    again = run_tune(cfg, table.table_dir, teacher=cfg.extract.teacher, restart=True)
+    assert len(again.trials) == 1 and again.trials[0]["trial_id"] != result.trials[0]["trial_id"]
