@@ -101,6 +101,8 @@ def run_protocol(cfg: VidkdConfig, seeds: list[int], variants: list[str],
         teacher_model = build_teacher(teacher)
         teacher_row = {**evaluate_teacher_table(test),
                        "latency_ms": latency_ms(lambda f, m: teacher_model.encode_video(f, m)[0], test)}
+        if teacher.kind == "vidkd":  # a teacher trained here: its own logit scale, 1 / the tau it trained at
+            teacher_row["logit_scale"] = float(load_student(teacher.path).logit_scale)
 
         def train(variant: str, seed: int, distill: DistillConfig) -> dict[str, Any]:
             dcfg = variant_config(distill, variant, seed)
@@ -180,7 +182,11 @@ def format_report(summary: dict[str, Any]) -> str:
         latency = f"{summary['student_latency_ms']:.2f}" if variant == "none" else ""
         lines.append(f"| student: {variant} | {fmt([r['t2v_R1'] for r in rows])} | {fmt([r['t2v_R5'] for r in rows])} | "
                      f"{fmt([r['t2v_R10'] for r in rows])} | {fmt([r['v2t_R1'] for r in rows])} | {diff} | {latency} |")
-    lines += ["", "Chosen on val before the grid (TeachCLIP student, seed " + str(summary["seeds"][0]) + "): tau_video "
+    lines.append("")
+    if "logit_scale" in teacher:
+        lines += [f"The teacher's own logit scale: {teacher['logit_scale']:.1f} (its logits are cos / "
+                      f"{1 / teacher['logit_scale']:.3f}; TeachCLIP's teachers sit at 100, tau_video 0.01)."]
+    lines += ["Chosen on val before the grid (TeachCLIP student, seed " + str(summary["seeds"][0]) + "): tau_video "
               + ", ".join(f"{r['tau_video']:g} -> val R@1 {r['val_R1']:.1f}" for r in summary["selection"])
               + f"; chosen {summary['tau_video']:g}."]
     entropies = [r for r in runs if "teacher_video_entropy" in r]
