@@ -254,7 +254,8 @@ def _build_table(
     if not sink.counts:
         shutil.rmtree(staging, ignore_errors=True)
         raise ExtractError(f"every video failed to decode ({len(failures)} failures; first: {failures[0]})")
-    counts = {split: sink.counts.get(split, 0) for split in SPLITS}
+    # train, val and test always (a consumer may look them up); pool where the manifest has one
+    counts = {split: sink.counts.get(split, 0) for split in SPLITS if split != "pool" or sink.counts.get(split)}
     meta = TableMeta(
         num_frames=ecfg.num_frames,
         image_size=ecfg.image_size,
