@@ -79,7 +79,7 @@ def run_protocol(cfg: VidkdConfig, seeds: list[int], variants: list[str],
     from jobs.extract import run_extract
     from jobs.pipeline import StageCache, load_records, stage_data, stage_teacher
     from jobs.quantize import evaluate_student, table_batches
-    from jobs.report import latency_ms
+    from jobs.report import caption_queries, latency_ms
     from jobs.runtime import init_ray
     from jobs.tracking import RunLogger
 
@@ -155,8 +155,7 @@ def run_protocol(cfg: VidkdConfig, seeds: list[int], variants: list[str],
         teacher_row["latency_ms"] = statistics.median(rounds["teacher"])
         student_latency = statistics.median(rounds["student"])
         summary = {"config": cfg.model_dump(mode="json"), "seeds": seeds, "variants": variants,
-                   "test_videos": meta.counts.get("test", 0), "test_queries": sum(len(b.captions[i])
-                                                                                   for b in test for i in range(len(b))),
+                   "test_videos": meta.counts.get("test", 0), "test_queries": caption_queries(test),
                    "teacher": teacher_row, "student_latency_ms": student_latency, "runs": runs,
                    "selection": [{k: r[k] for k in ("tau_video", "val_R1", "best_epoch")} for r in selection],
                    "tau_video": chosen}

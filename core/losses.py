@@ -157,8 +157,11 @@ def fgt_loss(afa_weights: Tensor, teacher_frame_emb: Tensor, teacher_text_emb: T
     if afa_weights.shape != mask.shape or teacher_frame_emb.shape[:2] != mask.shape:
         raise ValueError(f"afa_weights {list(afa_weights.shape)}, teacher frames {list(teacher_frame_emb.shape[:2])} "
                          f"and mask {list(mask.shape)} must all be [B,F]")
+    return _fgt_from_target(afa_weights, fgt_target(teacher_frame_emb, teacher_text_emb, mask, tau_frame), mask)
+
+
+def _fgt_from_target(afa_weights: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     mask = mask.bool()
-    target = fgt_target(teacher_frame_emb, teacher_text_emb, mask, tau_frame)
     # Clamp only keeps log finite; real frames never reach it unless AFA saturates.
     log_weights = afa_weights.float().clamp_min(torch.finfo(torch.float32).tiny).log()
     return -(target * log_weights).masked_fill(~mask, 0.0).sum() / mask.numel()
@@ -180,13 +183,16 @@ def entropy_fraction(probs: Tensor, valid: Tensor | None = None) -> Tensor:
 
 def teacher_entropies(teacher: TeacherBatch, cfg: LossConfig) -> dict[str, Tensor]:
     """How much the teacher's targets say at the configured temperatures: the entropy of its
-    video-level (text->video rows of the batch) and frame-level distributions as a fraction of
+    video-level (video->text rows of the batch) and frame-level distributions as a fraction of
     uniform. Near 1.0 the temperature has erased the teacher's knowledge."""
-    with torch.no_grad():
-        video = (teacher_similarity(teacher) / cfg.tau_video).softmax(dim=1)
-        frames = fgt_target(teacher.frame_emb, teacher.text_emb, teacher.frame_mask, cfg.tau_frame)
-        return {"teacher_video_entropy": entropy_fraction(video),
-                "teacher_frame_entropy": entropy_fraction(frames, teacher.frame_mask)}
+    frame_target = fgt_target(teacher.frame_emb, teacher.text_emb, teacher.frame_mask, cfg.tau_frame)
+    return _target_entropies(teacher_similarity(teacher), frame_target, teacher.frame_mask, cfg.tau_video)
+
+
+@torch.no_grad()
+def _target_entropies(teacher_sim: Tensor, frame_target: Tensor, mask: Tensor, tau_video: float) -> dict[str, Tensor]:
+    return {"teacher_video_entropy": entropy_fraction((teacher_sim / tau_video).softmax(dim=1)),
+            "teacher_frame_entropy": entropy_fraction(frame_target, mask)}
 
 
 def teachclip_loss(out: VideoOutput, text_emb: Tensor, logit_scale: Tensor | float, teacher: TeacherBatch | None,
@@ -202,15 +208,19 @@ def teachclip_loss(out: VideoOutput, text_emb: Tensor, logit_scale: Tensor | flo
     student_sim = similarity(out.video_emb, text_emb, logit_scale)
     terms = {"infonce": infonce(student_sim)}
     loss = cfg.w_in * terms["infonce"]
-    if teacher is not None and cfg.w_cgt > 0:
-        terms["cgt"] = cgt_loss(student_sim, teacher_similarity(teacher), cfg.tau_video)
+    if teacher is None:
+        return loss, {k: v.detach() for k, v in terms.items()}
+    # the teacher's targets, computed once for its terms and for the logged entropies
+    teacher_sim = teacher_similarity(teacher)
+    frame_target = fgt_target(teacher.frame_emb, teacher.text_emb, teacher.frame_mask, cfg.tau_frame)
+    if cfg.w_cgt > 0:
+        terms["cgt"] = cgt_loss(student_sim, teacher_sim, cfg.tau_video)
         loss = loss + cfg.w_cgt * terms["cgt"]
-    if teacher is not None and cfg.w_fgt > 0:
-        terms["fgt"] = fgt_loss(out.afa_weights, teacher.frame_emb, teacher.text_emb, teacher.frame_mask, cfg.tau_frame)
+    if cfg.w_fgt > 0:
+        terms["fgt"] = _fgt_from_target(out.afa_weights, frame_target, teacher.frame_mask)
         loss = loss + cfg.w_fgt * terms["fgt"]
     terms = {k: v.detach() for k, v in terms.items()}
-    if teacher is not None:
-        terms.update(teacher_entropies(teacher, cfg))
+    terms.update(_target_entropies(teacher_sim, frame_target, teacher.frame_mask, cfg.tau_video))
     return loss, terms
 
 

@@ -206,11 +206,9 @@ def run_single_stage(stage: str, cfg: VidkdConfig, table: Path | None = None, re
             result = run_distill(cfg, table, logger=run, teacher=teacher)
             print(f"best student: {result.checkpoint} (val R@1 {result.metrics['val_t2v_R1']:.1f})")
         elif stage == "tune":
-            from jobs.tune import run_tune
+            from jobs.tune import ranked_trials, run_tune
 
             result = run_tune(cfg, table, logger=run, restart=restart, teacher=teacher)
-            from jobs.tune import ranked_trials
-
             print(ranked_trials(result.trials, list(cfg.tune.space)))
             print(f"best config: {result.config_path} (val R@1 {result.best_metric:.1f})")
         elif stage == "quantize":

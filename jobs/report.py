@@ -34,6 +34,11 @@ def latency_ms(encode: Callable[[torch.Tensor, torch.Tensor], Any], batches: lis
     return float(sorted(times)[len(times) // 2])
 
 
+def caption_queries(batches: list[FeatureBatch]) -> int:
+    """Text-to-video queries of a split: one per caption."""
+    return sum(len(caps) for batch in batches for caps in batch.captions)
+
+
 def spread_line(r1: float, queries: int, seed_std: float | None) -> str:
     """What a difference in R@1 has to beat: the test split's sampling error (binomial, one
     standard error at the baseline's R@1) and, where it was measured for this config, the
@@ -82,7 +87,7 @@ def final_report(cfg: VidkdConfig, table_dir: Path, teacher: TeacherConfig, stud
             sim = (text_emb[first] @ video_emb.T).numpy()
             parent.log_figure(similarity_heatmap(sim, "student: test caption x video"), "plots/student_similarity.png")
 
-    queries = sum(len(caps) for batch in test for caps in batch.captions)
+    queries = caption_queries(test)
     baseline_r1 = rows["student (no distillation)"]["t2v_R1"]
     header = (f"{'model':<27} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'v2t R@1':>8} {'R@1 vs none':>11} "
               f"{'size MB':>8} {'ms/video':>9}")
