@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -123,6 +123,23 @@ class StudentConfig(_Strict):
     afa_pool_temperature: float = Field(0.1, gt=0, le=10)
 
 
+Temperature = Annotated[float, Field(gt=0, le=10)]
+PUBLISHED_TAU_VIDEO = 0.01  # TeachCLIP: CgT on its teacher's own logits (logit scale 100)
+PUBLISHED_TAU_FRAME = 1.0  # TeachCLIP: FgT's softmax of frame-text cosines at temperature 1
+
+
+class CalibrationConfig(_Strict):
+    """What `tau_video: auto` / `tau_frame: auto` aim at: the entropy of the teacher's targets as a
+    fraction of uniform, over training-sized batches of up to `videos` train videos. The defaults
+    are the entropies of the settings chosen on val in bench/quality.py (video: tau_video 0.05 at
+    batch 32; frame: the published tau_frame 1.0), on its teacher."""
+
+    video_entropy: float = Field(0.10, gt=0, lt=1)
+    frame_entropy: float = Field(0.99, gt=0, lt=1)
+    videos: int = Field(1024, ge=2)
+    seed: int = 0
+
+
 class LossConfig(_Strict):
     """Loss weights and temperatures. TeachCLIP terms first, DLDKD terms after."""
 
@@ -132,10 +149,13 @@ class LossConfig(_Strict):
     w_in: float = Field(0.2, ge=0)
     w_cgt: float = Field(1.0, ge=0)
     w_fgt: float = Field(2.0, ge=0)
-    # Teacher softmax temperatures on its cosine similarities. TeachCLIP uses the teacher's own
-    # logits (logit scale 100 -> 0.01) for CgT, and softmax(cos) at temperature 1 for FgT.
-    tau_video: float = Field(0.01, gt=0, le=10)
-    tau_frame: float = Field(1.0, gt=0, le=10)
+    # Teacher softmax temperatures on its cosine similarities. `auto` (the default) solves them
+    # on the teacher's own train embeddings so its targets have the entropies of `calibration`
+    # (core/calibration.py); a number is used as it is. TeachCLIP's published values are
+    # PUBLISHED_TAU_VIDEO (its teachers' own logits: scale 100) and PUBLISHED_TAU_FRAME (softmax(cos)).
+    tau_video: Temperature | Literal["auto"] = "auto"
+    tau_frame: Temperature | Literal["auto"] = "auto"
+    calibration: CalibrationConfig = CalibrationConfig()
     # DLDKD
     w_feat: float = Field(1.0, ge=0)
     tau_kl: float = Field(4.0, gt=0)

@@ -251,11 +251,14 @@ class FeatureBatch:
 
 def decode_batch(columns: Mapping[str, Sequence[Any]], meta: TableMeta) -> FeatureBatch:
     """Turn a batch of table rows (a dict of columns, as Ray Data or pyarrow give them) into
-    arrays. Teacher columns are decoded only when the table has a teacher."""
+    arrays. Teacher columns are decoded only when the table has a teacher; without a `frames`
+    column (a read of the teacher's columns only) `frames` is an empty [B, 0] array."""
     f, s = meta.num_frames, meta.image_size
+    n = len(columns["video_id"])
     batch = FeatureBatch(
         video_ids=[str(v) for v in columns["video_id"]],
-        frames=stack_bytes(columns["frames"], "uint8", (f, s, s, 3)),
+        frames=stack_bytes(columns["frames"], "uint8", (f, s, s, 3)) if "frames" in columns
+        else np.zeros((n, 0), np.uint8),
         frame_mask=stack_bytes(columns["frame_mask"], "uint8", (f,)),
         captions=[list(c) for c in columns["captions"]],
     )

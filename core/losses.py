@@ -185,8 +185,14 @@ def teacher_entropies(teacher: TeacherBatch, cfg: LossConfig) -> dict[str, Tenso
     """How much the teacher's targets say at the configured temperatures: the entropy of its
     video-level (video->text rows of the batch) and frame-level distributions as a fraction of
     uniform. Near 1.0 the temperature has erased the teacher's knowledge."""
+    _check_temperatures(cfg)
     frame_target = fgt_target(teacher.frame_emb, teacher.text_emb, teacher.frame_mask, cfg.tau_frame)
     return _target_entropies(teacher_similarity(teacher), frame_target, teacher.frame_mask, cfg.tau_video)
+
+
+def _check_temperatures(cfg: LossConfig) -> None:
+    if "auto" in (cfg.tau_video, cfg.tau_frame):
+        raise ValueError("tau_video/tau_frame are 'auto': calibrate them first (core.calibration.resolve_temperatures)")
 
 
 @torch.no_grad()
@@ -210,6 +216,7 @@ def teachclip_loss(out: VideoOutput, text_emb: Tensor, logit_scale: Tensor | flo
     loss = cfg.w_in * terms["infonce"]
     if teacher is None:
         return loss, {k: v.detach() for k, v in terms.items()}
+    _check_temperatures(cfg)
     # the teacher's targets, computed once for its terms and for the logged entropies
     teacher_sim = teacher_similarity(teacher)
     frame_target = fgt_target(teacher.frame_emb, teacher.text_emb, teacher.frame_mask, cfg.tau_frame)

@@ -28,7 +28,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train import LoggingConfig as TrainLoggingConfig
 from ray.train.torch import TorchTrainer
 
-from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest
+from core.calibration import Calibration, resolve_temperatures
+from core.config import PUBLISHED_TAU_FRAME, PUBLISHED_TAU_VIDEO, DistillConfig, TeacherConfig, VidkdConfig, digest
 from core.evaluation import evaluate_retrieval
 from core.features import FeatureBatch, TableMeta, decode_batch, read_meta
 from core.student import build_student, load_student, save_student
@@ -135,6 +136,8 @@ def train_loop(config: dict) -> None:
     session: Session = config.get("_session") or TrainSession()
     quiet_training_worker()
     cfg = DistillConfig.model_validate(config["distill"])
+    if "auto" in (cfg.loss.tau_video, cfg.loss.tau_frame):
+        raise ValueError("the training loop needs numeric temperatures: resolve_temperatures() first")
     meta = TableMeta(**config["meta"])
     device = session.device()
     torch.manual_seed(cfg.seed + session.rank)
@@ -327,6 +330,17 @@ def check_table(meta: TableMeta, distill: DistillConfig, table_dir: str | Path) 
                          "or val rows in the manifest)")
 
 
+def log_calibration(calibration: Calibration, logger: RunLogger | None) -> None:
+    """One line saying what `auto` chose, and the same values as the run's params."""
+    log.warning("distill: calibrated on %d teacher videos: tau_video %.4g (target entropy %.3f; the published "
+                "%g gives %.3f), tau_frame %.4g (entropy %.3f; the published %g gives %.3f)",
+                calibration.videos, calibration.tau_video, calibration.video_entropy, PUBLISHED_TAU_VIDEO,
+                calibration.published_video_entropy, calibration.tau_frame, calibration.frame_entropy,
+                PUBLISHED_TAU_FRAME, calibration.published_frame_entropy)
+    if logger:
+        logger.log_params(calibration.params())
+
+
 def train_videos(meta: TableMeta, distill: DistillConfig) -> int:
     return sum(meta.counts.get(split, 0) for split in distill.train_splits)
 
@@ -368,6 +382,9 @@ def run_distill(
     teacher = teacher or cfg.extract.teacher
     meta = read_meta(table_dir)
     check_table(meta, distill, table_dir)
+    distill, calibration = resolve_temperatures(distill, table_dir, teacher)
+    if calibration:
+        log_calibration(calibration, logger)
     datasets = datasets or split_datasets(table_dir, meta, distill.train_splits)
     storage = storage_path(distill.storage_dir)
     run_name = training_name(name, meta, distill, teacher, logger.run_id if logger else str(int(time.time())))

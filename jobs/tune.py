@@ -25,10 +25,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest, dump_config
+from core.calibration import Calibration, resolve_temperatures
+from core.config import DistillConfig, SearchDim, TeacherConfig, VidkdConfig, digest, dump_config
 from core.features import read_meta
-from jobs.distill import (FIRST_STEP_KEY, TARGET_METRIC, TuneSession, check_table, shuffled_blocks, split_datasets,
-                          train_loop)
+from jobs.distill import (FIRST_STEP_KEY, TARGET_METRIC, TuneSession, check_table, log_calibration, shuffled_blocks,
+                          split_datasets, train_loop)
 from jobs.plots import metric_vs_params
 from jobs.runtime import cluster_cpus, init_ray, run_path, storage_path
 from jobs.tracking import RunLogger
@@ -46,6 +47,8 @@ class TuneResult:
     trial_epochs: int
     startup_share: float | None = None  # trial start to first step, as a share of trial time
     failed_trials: int = 0  # trials that raised; what they reported before counts
+    default_params: dict[str, float] | None = None  # the search's first point: the settings, calibrated
+    calibration: Calibration | None = None  # what `auto` temperatures were solved to
 
 
 class TrialTiming(Callback):
@@ -82,12 +85,12 @@ def apply_params(base: DistillConfig, params: dict[str, float]) -> DistillConfig
     return DistillConfig.model_validate(data)
 
 
-def default_point(cfg: VidkdConfig) -> dict[str, float]:
-    """The configured distill settings as a point of the space (clipped into its bounds): the
-    search evaluates it first, so the best config it reports is at least as good as the default."""
-    data = cfg.distill.model_dump(mode="json")
+def default_point(space: dict[str, SearchDim], distill: DistillConfig) -> dict[str, float]:
+    """The distill settings (temperatures calibrated) as a point of the space, clipped into its
+    bounds: the search evaluates it first, so the best config it reports is at least as good."""
+    data = distill.model_dump(mode="json")
     point = {}
-    for key, dim in cfg.tune.space.items():
+    for key, dim in space.items():
         node, leaf = _slot(data, key)
         point[key] = min(max(float(node[leaf]), dim.low), dim.high)
     return point
@@ -173,6 +176,9 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     if tcfg.gpus_per_worker > 0:
         base = base.model_copy(update={"use_gpu": True})
     check_table(meta, base, table_dir)
+    base, calibration = resolve_temperatures(base, table_dir, teacher or cfg.extract.teacher)
+    if calibration:
+        log_calibration(calibration, logger)
     datasets = datasets or split_datasets(table_dir, meta, base.train_splits)
     trial_resources = {"cpu": tcfg.cpus_per_worker, "gpu": tcfg.gpus_per_worker}
     if tcfg.workers_per_trial > 1:
@@ -192,6 +198,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         trial_resources,
     )
     path = run_path(storage, name)
+    default = default_point(tcfg.space, base)
     timing = TrialTiming()
     if restart and tune.Tuner.can_restore(path):
         log.warning("tune: --restart: deleting the earlier search in %s", path)
@@ -202,7 +209,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                     "anew)", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
     else:
-        searcher = ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[default_point(cfg)], seed=tcfg.seed),
+        searcher = ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[default], seed=tcfg.seed),
                                       max_concurrent=max_concurrent)
         tuner = tune.Tuner(
             trainable,
@@ -239,7 +246,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         raise RuntimeError("no Tune trial reported a metric; see the trial errors above")
     best = max(trials, key=lambda t: t[TARGET_METRIC])
     best_params = {k: best[k] for k in cfg.tune.space}
-    best_distill = apply_params(cfg.distill, best_params)
+    best_distill = apply_params(cfg.distill.model_copy(update={"loss": base.loss}), best_params)  # calibrated
     best_config = cfg.model_copy(update={"distill": best_distill})
     out = Path(cfg.output_dir).resolve() / "tune" / f"{name}-best.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -261,7 +268,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         logger.log_figure(metric_vs_params(trials, list(cfg.tune.space), TARGET_METRIC, log_params),
                           "plots/val_R1_vs_hyperparameters.png")
     return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs, startup_share,
-                      len(failures))
+                      len(failures), default, calibration)
 
 
 def ranked_trials(trials: list[dict], space: list[str], top: int = 5) -> str:

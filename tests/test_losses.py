@@ -14,11 +14,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from core.config import LossConfig
+from core.config import PUBLISHED_TAU_FRAME, PUBLISHED_TAU_VIDEO, LossConfig
 from core.losses import (TeacherBatch, cgt_loss, dldkd_loss, dldkd_weights, entropy_fraction, fgt_loss, fgt_target,
                          gather_with_grad, infonce, kl_distill, plain_loss, teachclip_loss, teacher_entropies,
                          teacher_similarity)
 from core.student import VideoOutput
+
+PUBLISHED = LossConfig(tau_video=PUBLISHED_TAU_VIDEO, tau_frame=PUBLISHED_TAU_FRAME)  # TeachCLIP's, as numbers
 
 B, F_, D, DT = 5, 4, 8, 6
 
@@ -138,7 +140,12 @@ def test_plain_loss_is_scaled_infonce():
 def test_default_weights_and_temperatures_are_teachclips():
     cfg = LossConfig()
     assert (cfg.objective, cfg.w_in, cfg.w_cgt, cfg.w_fgt) == ("teachclip", 0.2, 1.0, 2.0)
-    assert (cfg.tau_video, cfg.tau_frame) == (0.01, 1.0)  # teacher logits at scale 100; softmax(cos)
+    # the temperatures are calibrated by default (tests/test_calibration.py); TeachCLIP's own:
+    assert (cfg.tau_video, cfg.tau_frame) == ("auto", "auto")
+    assert (PUBLISHED_TAU_VIDEO, PUBLISHED_TAU_FRAME) == (0.01, 1.0)  # teacher logits at scale 100; softmax(cos)
+    with pytest.raises(ValueError, match="calibrate them first"):
+        teacher_entropies(TeacherBatch(torch.eye(2), torch.eye(2)[:, None].expand(-1, 2, -1), torch.eye(2),
+                                       torch.ones(2, 2)), cfg)
 
 
 def test_cgt_sums_its_two_directions_by_hand():
@@ -176,11 +183,11 @@ def test_fgt_target_at_temperature_one_is_softmax_of_cosines_by_hand():
 
 def test_teacher_entropies_are_fractions_of_uniform():
     flat = TeacherBatch(torch.ones(3, 2), torch.ones(3, 4, 2), torch.ones(3, 2), torch.ones(3, 4))
-    terms = teacher_entropies(flat, LossConfig())
+    terms = teacher_entropies(flat, PUBLISHED)
     assert terms["teacher_video_entropy"].item() == pytest.approx(1.0)  # all cosines equal: uniform
     assert terms["teacher_frame_entropy"].item() == pytest.approx(1.0)
     sharp = TeacherBatch(torch.eye(3), torch.eye(3)[:, None, :].repeat(1, 4, 1), torch.eye(3), torch.ones(3, 4))
-    assert teacher_entropies(sharp, LossConfig(tau_video=0.001))["teacher_video_entropy"].item() < 1e-3
+    assert teacher_entropies(sharp, PUBLISHED.model_copy(update={'tau_video': 0.001}))["teacher_video_entropy"].item() < 1e-3
     # one real frame leaves nothing to choose: such videos are left out
     half = torch.tensor([0.5, 0.5, 0.0])
     assert entropy_fraction(torch.stack([half, torch.tensor([1.0, 0, 0])]),
@@ -256,14 +263,14 @@ def test_teachclip_loss_is_the_weighted_sum_of_its_terms():
 
 def test_teachclip_without_teacher_or_with_zero_weights_skips_teacher_terms():
     out, text = student_output(), unit(B, D, seed=7)
-    loss, terms = teachclip_loss(out, text, 10.0, None, LossConfig())
+    loss, terms = teachclip_loss(out, text, 10.0, None, PUBLISHED)
     assert set(terms) == {"infonce"} and loss.item() == pytest.approx(0.2 * terms["infonce"].item())
-    _, terms = teachclip_loss(out, text, 10.0, teacher_batch(), LossConfig(w_fgt=0.0))
+    _, terms = teachclip_loss(out, text, 10.0, teacher_batch(), PUBLISHED.model_copy(update={"w_fgt": 0.0}))
     assert set(terms) == {"infonce", "cgt", "teacher_video_entropy", "teacher_frame_entropy"}
     with pytest.raises(ValueError, match="teacher batch sizes"):
         short = teacher_batch()
         teachclip_loss(out, text, 10.0, TeacherBatch(short.video_emb[:3], short.frame_emb, short.text_emb,
-                                                      short.frame_mask), LossConfig())
+                                                      short.frame_mask), PUBLISHED)
 
 
 # ------------------------------------------------------------------------------------- DLDKD
@@ -309,9 +316,9 @@ def test_dldkd_loss_matches_direct_computation():
 def test_dldkd_needs_a_matching_projection():
     out, text, teacher = student_output(), unit(B, D, seed=7), teacher_batch()
     with pytest.raises(ValueError, match="teacher_dim"):
-        dldkd_loss(out, text, 10.0, None, teacher, LossConfig(), 0.0)
+        dldkd_loss(out, text, 10.0, None, teacher, PUBLISHED, 0.0)
     with pytest.raises(ValueError, match="embedding width"):
-        dldkd_loss(out, text, 10.0, torch.randn(B, DT + 1), teacher, LossConfig(), 0.0)
+        dldkd_loss(out, text, 10.0, torch.randn(B, DT + 1), teacher, PUBLISHED, 0.0)
 
 
 # --------------------------------------------------------------------------------- gradients
@@ -324,8 +331,8 @@ def test_gradients_are_finite_with_padded_frames():
     teacher = teacher_batch(mask=PADDED)
     afa = afa_logits.masked_fill(PADDED == 0, float("-inf")).softmax(dim=1)
     out = VideoOutput(video, unit(B, F_, D, seed=2), afa, afa)
-    loss_tc, _ = teachclip_loss(out, text, scale.exp(), teacher, LossConfig())
-    loss_dl, _ = dldkd_loss(out, text, scale.exp(), projected, teacher, LossConfig(), 0.5)
+    loss_tc, _ = teachclip_loss(out, text, scale.exp(), teacher, PUBLISHED)
+    loss_dl, _ = dldkd_loss(out, text, scale.exp(), projected, teacher, PUBLISHED, 0.5)
     (loss_tc + loss_dl).backward()
     for tensor in (video, text, afa_logits, projected, scale):
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all()

@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.config import LossConfig, StudentConfig
+from core.config import PUBLISHED_TAU_FRAME, PUBLISHED_TAU_VIDEO, LossConfig, StudentConfig
 from core.losses import TeacherBatch, dldkd_loss, infonce, similarity, teachclip_loss
 from core.student import (VideoOutput, VideoTextStudent, build_student, load_student, read_checkpoint_extra,
                           save_student)
+
+PUBLISHED = LossConfig(tau_video=PUBLISHED_TAU_VIDEO, tau_frame=PUBLISHED_TAU_FRAME)  # TeachCLIP's, as numbers
 
 SIZE, FRAMES, DIM = 32, 4, 64
 CAPTIONS = ["a red car turns left", "a truck drives in the rain", "a cyclist crosses the road",
@@ -220,7 +222,7 @@ def test_forward_and_loss_gradients_are_finite():
         model.zero_grad()
         out = model(frames, mask, CAPTIONS[:3])
         if objective == "teachclip":
-            loss, _ = teachclip_loss(out.video, out.text_emb, model.logit_scale, teacher, LossConfig())
+            loss, _ = teachclip_loss(out.video, out.text_emb, model.logit_scale, teacher, PUBLISHED)
         else:
             loss, _ = dldkd_loss(out.video, out.text_emb, model.logit_scale, out.projected_video_emb, teacher,
                                  LossConfig(objective="dldkd"), progress=0.3)

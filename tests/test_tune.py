@@ -6,7 +6,7 @@ import yaml
 
 from core.config import TuneConfig, load_config
 from jobs.tracking import RunLogger
-from jobs.tune import TARGET_METRIC, default_point, ranked_trials, run_tune
+from jobs.tune import TARGET_METRIC, ranked_trials, run_tune
 
 
 def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_path, tracking_dir):
@@ -22,8 +22,11 @@ def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_
 
     assert len(result.trials) == 6 and result.failed_trials == 0
     assert 1 <= min(t["epochs"] for t in result.trials) and max(t["epochs"] for t in result.trials) == 3
-    # The configured default is the search's first point, so the best is at least as good as it.
-    default = default_point(cfg)
+    # The configured default, its temperatures calibrated on the teacher, is the search's first
+    # point, so the best is at least as good as it.
+    default = result.default_params
+    assert result.calibration is not None
+    assert default["loss.tau_video"] == min(max(result.calibration.tau_video, 0.003), 0.3)
     default_trials = [t for t in result.trials if all(abs(t[k] - v) < 1e-9 for k, v in default.items())]
     assert len(default_trials) == 1
     assert result.best_metric >= default_trials[0][TARGET_METRIC]
