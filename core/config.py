@@ -217,8 +217,10 @@ def _default_space() -> dict[str, SearchDim]:
         "loss.tau_video": SearchDim(low=0.003, high=0.3, log=True),
         "loss.tau_frame": SearchDim(low=0.03, high=3.0, log=True),
         "loss.temperature": SearchDim(low=0.02, high=0.2, log=True),
+        "loss.w_in": SearchDim(low=0.02, high=2.0, log=True),
         "loss.w_cgt": SearchDim(low=0.1, high=10.0, log=True),
         "loss.w_fgt": SearchDim(low=0.1, high=10.0, log=True),
+        "lr": SearchDim(low=1e-5, high=1e-2, log=True),
         "lr_new": SearchDim(low=1e-4, high=1e-2, log=True),
     }
 

@@ -47,6 +47,27 @@ def metric_vs_params(trials: Sequence[dict[str, Any]], params: Sequence[str], me
     return fig
 
 
+def trial_curves(curves: dict[str, Sequence[float]], rungs: Sequence[int], metric: str):
+    """Left: each trial's metric per epoch, with the scheduler's rungs (the epochs at which ASHA
+    compares trials) as vertical lines. Right: the metric of every trial that reached each rung,
+    so what the scheduler kept and stopped can be read at a glance."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, values in curves.items():
+        left.plot(range(1, len(values) + 1), values, marker="o", markersize=3, alpha=0.8, label=name)
+    for rung in rungs:
+        left.axvline(rung, color="grey", linestyle=":", linewidth=1)
+    left.set(xlabel="epoch", ylabel=metric, title="trials per epoch (dotted: rungs)")
+    if len(curves) <= 12:
+        left.legend(fontsize=7)
+    for i, rung in enumerate(rungs):
+        reached = [values[rung - 1] for values in curves.values() if len(values) >= rung]
+        right.scatter([i] * len(reached), reached, alpha=0.7)
+    right.set(xticks=range(len(rungs)), xticklabels=[str(r) for r in rungs], xlabel="rung (epoch)",
+              ylabel=metric, title="trials at each rung")
+    fig.tight_layout()
+    return fig
+
+
 def similarity_heatmap(sim: np.ndarray, title: str, max_items: int = 32):
     """Text-to-video similarities of the first items; a good model has a bright diagonal."""
     sim = np.asarray(sim)[:max_items, :max_items]

@@ -11,6 +11,7 @@ stops weak trials on val R@1 per epoch; Optuna proposes the next ones.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from core.config import DistillConfig, SearchDim, TeacherConfig, VidkdConfig, di
 from core.features import read_meta
 from jobs.distill import (FIRST_STEP_KEY, TARGET_METRIC, TuneSession, check_table, log_calibration, shuffled_blocks,
                           split_datasets, train_loop)
-from jobs.plots import metric_vs_params
+from jobs.plots import metric_vs_params, trial_curves
 from jobs.runtime import cluster_cpus, init_ray, run_path, storage_path
 from jobs.tracking import RunLogger
 
@@ -117,6 +118,15 @@ def scheduler(tcfg):
         return FIFOScheduler()
     return ASHAScheduler(time_attr="training_iteration", max_t=tcfg.max_epochs, grace_period=tcfg.grace_period,
                          reduction_factor=tcfg.reduction_factor)
+
+
+def rungs(tcfg) -> list[int]:
+    """The epochs at which ASHA compares trials, as Ray's ASHA places them (one bracket):
+    grace_period * reduction_factor^k up to max_epochs. None for FIFO, which stops no trial."""
+    if tcfg.scheduler == "fifo":
+        return []
+    count = int(math.log(tcfg.max_epochs / tcfg.grace_period) / math.log(tcfg.reduction_factor) + 1)
+    return [tcfg.grace_period * tcfg.reduction_factor ** k for k in range(count)]
 
 
 def experiment_name(cfg: VidkdConfig, table_key: str) -> str:
@@ -232,11 +242,13 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     if failures:
         log.warning("tune: %d of %d trials failed; what they reported before counts. The first: %s",
                     len(failures), len(grid), str(failures[0]).strip().splitlines()[-1])
-    trials = []
+    trials, curves = [], {}
     for result in grid:
         if result.metrics is None or TARGET_METRIC not in (result.metrics or {}):
             continue
         history = result.metrics_dataframe
+        if history is not None and TARGET_METRIC in history:
+            curves[f"trial-{result.metrics.get('trial_id')}"] = [float(v) for v in history[TARGET_METRIC]]
         best_in_trial = float(history[TARGET_METRIC].max()) if history is not None else result.metrics[TARGET_METRIC]
         trials.append({**{k: result.config[k] for k in cfg.tune.space}, TARGET_METRIC: best_in_trial,
                        "epochs": int(result.metrics.get("training_iteration", 0)),
@@ -267,6 +279,8 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         log_params = {k for k, d in cfg.tune.space.items() if d.log}
         logger.log_figure(metric_vs_params(trials, list(cfg.tune.space), TARGET_METRIC, log_params),
                           "plots/val_R1_vs_hyperparameters.png")
+        if curves:
+            logger.log_figure(trial_curves(curves, rungs(tcfg), TARGET_METRIC), "plots/val_R1_per_trial_and_rung.png")
     return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs, startup_share,
                       len(failures), default, calibration)
 

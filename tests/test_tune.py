@@ -6,7 +6,7 @@ import yaml
 
 from core.config import TuneConfig, load_config
 from jobs.tracking import RunLogger
-from jobs.tune import TARGET_METRIC, ranked_trials, run_tune
+from jobs.tune import TARGET_METRIC, ranked_trials, rungs, run_tune
 
 
 def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_path, tracking_dir):
@@ -56,6 +56,8 @@ def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_
     assert {f"best.{k}" for k in result.best_params} <= set(tags)
     artifacts = {a.path for a in client.list_artifacts(parent.run_id)}
     assert {"best_config", "plots", "trials.json"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.run_id, "plots")}
+    assert plots == {"plots/val_R1_vs_hyperparameters.png", "plots/val_R1_per_trial_and_rung.png"}
 
     # Started again with no flag (as after its driver died), the same search continues its
     # experiment: finished, it is returned as it is, with no trial run again.
@@ -82,3 +84,14 @@ def test_search_with_the_online_teacher(teacher_table, tmp_path):
     # --restart: the earlier search is gone and a new one runs (a new trial)
     again = run_tune(cfg, table.table_dir, teacher=cfg.extract.teacher, restart=True)
     assert len(again.trials) == 1 and again.trials[0]["trial_id"] != result.trials[0]["trial_id"]
+
+
+def test_rungs_are_where_rays_asha_puts_them():
+    from ray.tune.schedulers import ASHAScheduler
+
+    for max_epochs, grace, factor in ((3, 1, 2), (4, 1, 2), (20, 2, 3), (40, 5, 2), (9, 3, 3)):
+        tcfg = TuneConfig(max_epochs=max_epochs, grace_period=grace, reduction_factor=factor)
+        asha = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=grace,
+                             reduction_factor=factor)
+        assert rungs(tcfg) == sorted(milestone for milestone, _ in asha._brackets[0]._rungs)
+    assert rungs(TuneConfig(scheduler="fifo")) == []
