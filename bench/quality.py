@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from core.config import DistillConfig, VidkdConfig, load_config
+from protocol import Protocol, fmt
 
 VARIANTS = ("none", "teachclip", "infonce+cgt", "infonce+fgt", "dldkd")
-METRICS = ("t2v_R1", "t2v_R5", "t2v_R10", "t2v_MdR", "v2t_R1")
 
 
 def variant_config(base: DistillConfig, variant: str, seed: int) -> DistillConfig:
@@ -58,76 +58,28 @@ def variant_config(base: DistillConfig, variant: str, seed: int) -> DistillConfi
     return base.model_copy(update={"loss": loss, "teacher_mode": mode, "seed": seed})
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.1f} ± {std:.1f}"
-
-
 def run_protocol(cfg: VidkdConfig, seeds: list[int], variants: list[str],
                  tau_video_candidates: list[float]) -> dict[str, Any]:
-    import torch
-
-    from core.features import read_meta
-    from core.student import load_student
-    from core.teachers import build_teacher
-    from core.evaluation import evaluate_teacher_table
-    from jobs.distill import run_distill, split_datasets
-    from jobs.extract import run_extract
-    from jobs.pipeline import StageCache, load_records, stage_data, stage_teacher
-    from jobs.quantize import evaluate_student, table_batches
     from jobs.report import caption_queries, latency_ms
     from jobs.runtime import init_ray
     from jobs.tracking import RunLogger
 
-    cache = StageCache(cfg, None)
-    stage_data(cfg, cache)
-    records = load_records(cfg)
     init_ray(cfg.ray)
     parent = RunLogger.create("bench-quality", cfg.tracking, tags={"vidkd.stage": "bench"}, output_dir=cfg.output_dir)
     with parent.running():
-        teacher = stage_teacher(cfg, cache, records, parent)
-        extract_run = parent.child("extract", {"vidkd.stage": "extract"})
-        with extract_run.running():
-            table = run_extract(cfg, records, teacher=teacher, logger=extract_run)
-        meta = read_meta(table.table_dir)
-        datasets = split_datasets(table.dataset if table.dataset is not None else table.table_dir, meta,
-                                  cfg.distill.train_splits)
-        test = table_batches(table.table_dir, meta, "test")
+        protocol = Protocol(cfg, parent)
+        setup = protocol.teacher()
 
-        teacher_model = build_teacher(teacher)
-        teacher_row = evaluate_teacher_table(test)
-        if teacher.kind == "vidkd":  # a teacher trained here: its own logit scale, 1 / the tau it trained at
-            teacher_row["logit_scale"] = float(load_student(teacher.path).logit_scale)
-
-        def train(variant: str, seed: int, distill: DistillConfig) -> dict[str, Any]:
+        def train(variant: str, seed: int, distill: DistillConfig, test: bool = True) -> dict[str, Any]:
             dcfg = variant_config(distill, variant, seed)
             name = f"{variant.replace('+', '-')}-seed{seed}-tau{dcfg.loss.tau_video:g}"
-
-            def build() -> dict:
-                run = parent.child(name, {"vidkd.stage": "distill", "vidkd.variant": variant})
-                start = time.perf_counter()
-                with run.running():
-                    result = run_distill(cfg, table.table_dir, datasets, distill=dcfg, logger=run, name=name,
-                                         teacher=teacher)
-                return {"checkpoint": str(result.checkpoint), "val": result.metrics,
-                        "train_s": time.perf_counter() - start}
-
-            out = cache.run("distill", [meta.cache_key, dcfg.model_dump()], build,
-                            check=lambda o: Path(o["checkpoint"]).exists(), label=f"quality-{name}")
-            row = {"variant": variant, "seed": seed, "tau_video": dcfg.loss.tau_video, "checkpoint": out["checkpoint"],
-                   "val_R1": out["val"]["val_t2v_R1"], "best_epoch": out["val"]["epoch"]}
-            for key in ("train_teacher_video_entropy", "train_teacher_frame_entropy"):
-                if key in out["val"]:  # how much the teacher's targets say (1.0 = uniform)
-                    row[key.removeprefix("train_")] = out["val"][key]
-            return row
+            row = protocol.student(setup, dcfg, name, {"vidkd.variant": variant}, test=test)
+            return {"variant": variant, **row}
 
         # the one choice made before the grid, on val only
         selection = [train("teachclip", seeds[0], cfg.distill.model_copy(
-            update={"loss": cfg.distill.loss.model_copy(update={"tau_video": tau})})) for tau in tau_video_candidates]
+            update={"loss": cfg.distill.loss.model_copy(update={"tau_video": tau})}), test=False)
+            for tau in tau_video_candidates]
         chosen = max(selection, key=lambda r: r["val_R1"])["tau_video"]  # max keeps the first of equals
         for row in selection:
             print(f"selection: tau_video {row['tau_video']:g}: val R@1 {row['val_R1']:.1f}", flush=True)
@@ -137,26 +89,25 @@ def run_protocol(cfg: VidkdConfig, seeds: list[int], variants: list[str],
         for seed in seeds:
             for variant in variants:
                 row = train(variant, seed, distill)
-                student = load_student(row["checkpoint"]).eval()
-                with torch.no_grad():
-                    metrics = evaluate_student(student, test, "cpu")
-                row.update({k: metrics[k] for k in METRICS})
                 runs.append(row)
                 print(f"{variant} seed {seed}: test t2v R@1 {row['t2v_R1']:.1f}  "
                       f"(val {row['val_R1']:.1f}, epoch {row['best_epoch']})", flush=True)
 
         # CPU ms/video at batch 1, teacher and student side by side: alternating rounds, medians
+        from core.student import load_student
+        from core.teachers import build_teacher
+
+        teacher_model, student = build_teacher(setup.teacher), load_student(runs[0]["checkpoint"]).eval()
         encoders = {"teacher": lambda f, m: teacher_model.encode_video(f, m)[0],
                     "student": lambda f, m: student.encode_video(f, m).video_emb}
         rounds = {name: [] for name in encoders}
         for _ in range(5):
             for name, encode in encoders.items():
-                rounds[name].append(latency_ms(encode, test))
-        teacher_row["latency_ms"] = statistics.median(rounds["teacher"])
-        student_latency = statistics.median(rounds["student"])
+                rounds[name].append(latency_ms(encode, setup.test))
+        teacher_row = {**setup.row, "latency_ms": statistics.median(rounds["teacher"])}
         summary = {"config": cfg.model_dump(mode="json"), "seeds": seeds, "variants": variants,
-                   "test_videos": meta.counts.get("test", 0), "test_queries": caption_queries(test),
-                   "teacher": teacher_row, "student_latency_ms": student_latency, "runs": runs,
+                   "test_videos": setup.meta.counts.get("test", 0), "test_queries": caption_queries(setup.test),
+                   "teacher": teacher_row, "student_latency_ms": statistics.median(rounds["student"]), "runs": runs,
                    "selection": [{k: r[k] for k in ("tau_video", "val_R1", "best_epoch")} for r in selection],
                    "tau_video": chosen}
         report = format_report(summary)

@@ -50,6 +50,7 @@ class TuneResult:
     failed_trials: int = 0  # trials that raised; what they reported before counts
     default_params: dict[str, float] | None = None  # the search's first point: the settings, calibrated
     calibration: Calibration | None = None  # what `auto` temperatures were solved to
+    max_concurrent: int = 1  # trials run at once
 
 
 class TrialTiming(Callback):
@@ -242,15 +243,15 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     if failures:
         log.warning("tune: %d of %d trials failed; what they reported before counts. The first: %s",
                     len(failures), len(grid), str(failures[0]).strip().splitlines()[-1])
-    trials, curves = [], {}
+    trials = []
     for result in grid:
         if result.metrics is None or TARGET_METRIC not in (result.metrics or {}):
             continue
         history = result.metrics_dataframe
-        if history is not None and TARGET_METRIC in history:
-            curves[f"trial-{result.metrics.get('trial_id')}"] = [float(v) for v in history[TARGET_METRIC]]
-        best_in_trial = float(history[TARGET_METRIC].max()) if history is not None else result.metrics[TARGET_METRIC]
+        curve = [float(v) for v in history[TARGET_METRIC]] if history is not None and TARGET_METRIC in history else []
+        best_in_trial = max(curve) if curve else result.metrics[TARGET_METRIC]
         trials.append({**{k: result.config[k] for k in cfg.tune.space}, TARGET_METRIC: best_in_trial,
+                       "curve": curve,  # val R@1 per epoch run
                        "epochs": int(result.metrics.get("training_iteration", 0)),
                        "trial_id": result.metrics.get("trial_id"), "failed": result.error is not None,
                        **timing.timing(result.metrics.get("trial_id"))})
@@ -279,10 +280,11 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
         log_params = {k for k, d in cfg.tune.space.items() if d.log}
         logger.log_figure(metric_vs_params(trials, list(cfg.tune.space), TARGET_METRIC, log_params),
                           "plots/val_R1_vs_hyperparameters.png")
+        curves = {f"trial-{t['trial_id']}": t["curve"] for t in trials if t["curve"]}
         if curves:
             logger.log_figure(trial_curves(curves, rungs(tcfg), TARGET_METRIC), "plots/val_R1_per_trial_and_rung.png")
     return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs, startup_share,
-                      len(failures), default, calibration)
+                      len(failures), default, calibration, max_concurrent)
 
 
 def ranked_trials(trials: list[dict], space: list[str], top: int = 5) -> str:
