@@ -1,37 +1,11 @@
-"""GPTQ post-training quantization of a vision tower's transformer blocks.
-
-The vision encoder dominates a CLIP-style student's size and latency, and nearly all of its
-weights sit in the linears of its transformer blocks. This module quantizes those linears with
-gptqmodel's `GPTQ` solver (or round-to-nearest, the baseline GPTQ has to beat) and packs them into
-gptqmodel's `TorchLinear`, which runs on CPU and GPU alike.
-
-Calibration follows the GPTQ paper's recipe: blocks are quantized one after another, and inside a
-block the linears in true-sequential order (qkv -> attention out -> MLP in -> MLP out), each one
-calibrated on inputs that already flow through every layer quantized before it. Errors made early
-are therefore seen, and partly compensated, by the layers after them.
-
-Two block layouts are understood:
-- open_clip's `ResidualAttentionBlock`: `attn` is an `nn.MultiheadAttention` whose input
-  projection is a bare `in_proj_weight`, which neither GPTQ nor a packed linear can replace. It is
-  swapped first for `QKVAttention`, the same attention with `qkv` and `out_proj` as linears.
-- timm's `Block` (open_clip `TimmModel` trunks): `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`.
-
-A checkpoint is a directory: `model.safetensors` (packed linears and the unquantized rest of the
-model) and `quantize_config.json` (quantization settings, which modules are packed, and the
-caller's `model_meta` needed to rebuild the unquantized skeleton).
-
-gptqmodel is imported lazily: importing it takes several seconds and sets process-wide
-environment variables, a cost only quantizing and loading should pay.
-"""
+"""GPTQ (or round-to-nearest) over a vision tower's transformer blocks, in true-sequential order."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -39,33 +13,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from core.config import QuantizeConfig
-
-Method = Literal["gptq", "rtn"]
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "quantize_config.json"
-
-# Linears of one block in true-sequential order, per supported block layout.
-BLOCK_LAYOUTS: tuple[tuple[str, ...], ...] = (
-    ("attn.qkv", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"),  # open_clip, after the MHA swap
-    ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),  # timm
-)
-# Group sizes gptqmodel's TorchLinear packs (-1: one group per output row).
-SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
-
-
-def _gptqmodel():
-    import gptqmodel.quantization as quantization
-    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
-    from gptqmodel.quantization.rtn import RTN
-
-    return quantization, TorchLinear, RTN
-
-
-def _is_quant_linear(module: nn.Module) -> bool:
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-
-    return isinstance(module, BaseQuantLinear)
-
+from core.quant.packing import (BLOCK_LAYOUTS, Method, _check_packable, _check_settings, _gptqmodel,
+                                _is_quant_linear, _get_submodule, _module_names, _set_submodule, pack_linear)
 
 # ------------------------------------------------------------------------------ attention swap
 class QKVAttention(nn.Module):
@@ -167,6 +116,7 @@ def block_linear_names(block: nn.Module) -> tuple[str, ...]:
     )
 
 
+
 # ------------------------------------------------------------------------------- one linear
 @dataclass
 class LayerReport:
@@ -252,39 +202,6 @@ class LayerQuantizer:
         )
         return QuantizedLayer(module, fake_weight, report)
 
-
-def pack_linear(linear: nn.Linear, fake_weight, scales, zeros, g_idx, cfg: QuantizeConfig) -> nn.Module:
-    """Pack a solver's output (`[out, G]` scales and zeros, `[in]` g_idx) into a `TorchLinear`.
-
-    Packing recomputes the integer codes from the fake-quantized weight, so the packed layer
-    dequantizes to that weight up to the fp16 rounding of its scales. The packed zero points are
-    the zero points themselves (gptqmodel's runtime "v2" layout), not auto-gptq's zero - 1.
-    """
-    qlinear = _empty_quant_linear(linear.in_features, linear.out_features, linear.bias is not None, cfg)
-    carrier = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-    carrier.weight.data = fake_weight.detach().float().cpu()
-    if linear.bias is not None:
-        carrier.bias.data = linear.bias.detach().float().cpu()
-    qlinear.pack_original(carrier, scales.float().cpu(), zeros.float().cpu(), g_idx.int().cpu())
-    _finish_quant_linear(qlinear)
-    return qlinear.to(linear.weight.device)
-
-
-def _empty_quant_linear(in_features: int, out_features: int, bias: bool, cfg: QuantizeConfig) -> nn.Module:
-    _, TorchLinear, _ = _gptqmodel()
-    return TorchLinear(
-        bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.act_order,
-        in_features=in_features, out_features=out_features, bias=bias, pack_dtype=torch.int32, register_buffers=True,
-    )
-
-
-def _finish_quant_linear(qlinear: nn.Module) -> None:
-    # Marking it optimized skips TorchLinear's torch.compile of its dequantizer: on CPU that
-    # compiles a C++ kernel per layer shape (seconds each), and on CUDA the Triton dequantizer
-    # is used anyway.
-    qlinear.optimized = True
-    qlinear.post_init()
-    qlinear.eval()
 
 
 # ------------------------------------------------------------------------------ vision tower
@@ -421,184 +338,3 @@ def _feed_layer_inputs(block, layer, batches, consume) -> None:
         handle.remove()
 
 
-# ------------------------------------------------------------------------------ save and load
-def quantized_module_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if _is_quant_linear(module)]
-
-
-def save_quantized(
-    model: nn.Module,
-    out_dir: str | Path,
-    cfg: QuantizeConfig,
-    model_meta: dict[str, Any],
-    method: Method = "gptq",
-) -> Path:
-    """Write `model` (with its packed linears) to `out_dir`; returns the directory.
-
-    `model_meta` is whatever `load_quantized`'s `build_model` needs to rebuild the unquantized
-    skeleton (a model name, a student config, ...); it must be JSON-serialisable. The packed
-    modules and swapped attentions are found in the model itself, named from its root.
-    """
-    quantized = quantized_module_names(model)
-    if not quantized:
-        raise ValueError("the model holds no quantized linears: run quantize_visual first")
-    try:
-        json.dumps(model_meta)
-    except TypeError as error:
-        raise ValueError(f"model_meta must be JSON-serialisable: {error}") from None
-    from gptqmodel import __version__ as gptqmodel_version
-    from safetensors.torch import save_model
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "quant_method": method,
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
-        "sym": cfg.sym,
-        "desc_act": cfg.act_order,
-        "damp_percent": cfg.damp,
-        "true_sequential": True,
-        "checkpoint_format": "gptq_v2",  # qzeros hold the zero points, not zero - 1
-        "pack_dtype": "int32",
-        "quant_linear": "gptqmodel.nn_modules.qlinear.torch.TorchLinear",
-        "gptqmodel_version": gptqmodel_version,
-        "quantized_modules": quantized,
-        "swapped_attention": [name for name, module in model.named_modules() if isinstance(module, QKVAttention)],
-        "model_meta": model_meta,
-    }
-    save_model(model, str(out_dir / WEIGHTS_FILE))
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir
-
-
-def read_quantize_config(out_dir: str | Path) -> dict[str, Any]:
-    path = Path(out_dir) / CONFIG_FILE
-    if not path.is_file() or not (Path(out_dir) / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{out_dir} is not a quantized checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    return json.loads(path.read_text())
-
-
-def load_quantized(
-    out_dir: str | Path,
-    build_model: Callable[[dict[str, Any]], nn.Module],
-    device: str | torch.device = "cpu",
-) -> nn.Module:
-    """Rebuild a model written by `save_quantized`, in eval mode on `device`.
-
-    `build_model(model_meta)` returns the unquantized skeleton; its attentions are swapped and
-    its quantized linears replaced by empty `TorchLinear`s before the weights are loaded.
-    """
-    from safetensors.torch import load_model
-
-    config = read_quantize_config(out_dir)
-    cfg = QuantizeConfig(bits=config["bits"], group_size=config["group_size"], sym=config["sym"], act_order=config["desc_act"])
-    model = build_model(config["model_meta"])
-    for name in config["swapped_attention"]:
-        mha = model.get_submodule(name)
-        if not isinstance(mha, nn.MultiheadAttention):
-            raise ValueError(f"{name}: expected nn.MultiheadAttention in the rebuilt model, found {type(mha).__name__}")
-        _set_submodule(model, name, QKVAttention.from_multihead_attention(mha))
-    for name in config["quantized_modules"]:
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{name}: expected nn.Linear in the rebuilt model, found {type(linear).__name__}")
-        _set_submodule(model, name, _empty_quant_linear(linear.in_features, linear.out_features, linear.bias is not None, cfg))
-    model.to("cpu")
-    load_model(model, str(Path(out_dir) / WEIGHTS_FILE), strict=True)
-    for name in config["quantized_modules"]:
-        _finish_quant_linear(model.get_submodule(name))
-    return model.to(device).eval()
-
-
-# -------------------------------------------------------------------------------- size report
-_TEXT_PREFIXES = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection", "text.")
-
-
-def size_report(model: nn.Module, checkpoint_dir: str | Path | None = None) -> dict[str, float]:
-    """Sizes of a (quantized) model, flat and numeric so it can be logged as metrics.
-
-    - `{vision,text,rest}_{params,bytes}`: parameters (a packed linear counts its original
-      weights and bias) and bytes as held, per component. The vision encoder is the module named
-      `visual` (the whole model if there is none); the text encoder is open_clip's text tower.
-    - `quantized_bits_per_weight`: (qweight + scales + qzeros + g_idx bits) / quantized weights.
-      With 4 bits, group 128 and fp16 scales this tends to 4 + 20/128 = 4.16 as layers widen.
-    - `vision_compression`: the vision encoder in fp16 over the vision encoder with packed linears
-      and every other tensor in fp16.
-    - `file_bytes`: the files in `checkpoint_dir`, when given.
-    """
-    visual_name = next((name for name, _ in model.named_modules() if name == "visual" or name.endswith(".visual")), None)
-    root = "" if visual_name is None else visual_name[: -len("visual")]
-    quant = {name: module for name, module in model.named_modules() if _is_quant_linear(module)}
-
-    def component(tensor_name: str) -> str:
-        if visual_name is None or tensor_name.startswith(visual_name + "."):
-            return "vision"
-        if tensor_name.startswith(root) and tensor_name[len(root):].startswith(_TEXT_PREFIXES):
-            return "text"
-        return "rest"
-
-    report: dict[str, float] = {f"{c}_{k}": 0 for c in ("vision", "text", "rest") for k in ("params", "bytes")}
-    for name, tensor in model.state_dict().items():
-        report[f"{component(name)}_bytes"] += tensor.numel() * tensor.element_size()
-    for name, param in model.named_parameters():
-        report[f"{component(name)}_params"] += param.numel()
-
-    quant_weights = quant_bits = quant_bytes = vision_quant_params = vision_quant_bytes = 0
-    for name, module in quant.items():
-        weights = module.in_features * module.out_features
-        params = weights + (module.out_features if module.bias is not None else 0)
-        packed_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-        where = component(f"{name}.qweight")
-        report[f"{where}_params"] += params
-        if where == "vision":
-            vision_quant_params += params
-            vision_quant_bytes += packed_bytes
-        quant_weights += weights
-        quant_bytes += packed_bytes
-        quant_bits += sum(8 * getattr(module, key).numel() * getattr(module, key).element_size() for key in ("qweight", "qzeros", "scales", "g_idx"))
-
-    report["total_params"] = sum(report[f"{c}_params"] for c in ("vision", "text", "rest"))
-    report["total_bytes"] = sum(report[f"{c}_bytes"] for c in ("vision", "text", "rest"))
-    report["quantized_modules"] = len(quant)
-    report["quantized_weights"] = quant_weights
-    report["quantized_bytes"] = quant_bytes
-    report["quantized_bits_per_weight"] = quant_bits / quant_weights if quant_weights else 0.0
-    report["vision_fp16_bytes"] = 2 * report["vision_params"]
-    report["vision_quantized_bytes"] = vision_quant_bytes + 2 * (report["vision_params"] - vision_quant_params)
-    report["vision_compression"] = report["vision_fp16_bytes"] / max(report["vision_quantized_bytes"], 1)
-    if checkpoint_dir is not None:
-        report["file_bytes"] = sum(p.stat().st_size for p in Path(checkpoint_dir).iterdir() if p.is_file())
-    return report
-
-
-# ------------------------------------------------------------------------------------ helpers
-def _check_settings(cfg: QuantizeConfig, method: str) -> None:
-    if method not in ("gptq", "rtn"):
-        raise ValueError(f"unknown quantization method {method!r} (expected gptq or rtn)")
-    if cfg.group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size {cfg.group_size} cannot be packed (supported: {SUPPORTED_GROUP_SIZES})")
-
-
-def _check_packable(linear: nn.Module, cfg: QuantizeConfig, name: str) -> None:
-    if not isinstance(linear, nn.Linear):
-        raise ValueError(f"{name}: expected nn.Linear, found {type(linear).__name__}")
-    # 3-bit codes are packed 32 at a time into three int32 words, along both dimensions.
-    if cfg.bits == 3 and (linear.in_features % 32 or linear.out_features % 32):
-        raise ValueError(f"{name}: 3-bit packing needs in and out features divisible by 32, got {linear.out_features}x{linear.in_features}")
-
-
-def _module_names(root: nn.Module) -> dict[int, str]:
-    return {id(module): name for name, module in root.named_modules()}
-
-
-def _get_submodule(root: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
