@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import pyarrow as pa
 import ray
 import ray.train
 import torch
@@ -31,7 +30,7 @@ from ray.train.torch import TorchTrainer
 from core.calibration import Calibration, resolve_temperatures
 from core.config import PUBLISHED_TAU_FRAME, PUBLISHED_TAU_VIDEO, DistillConfig, TeacherConfig, VidkdConfig, digest
 from core.evaluation import evaluate_retrieval
-from core.features import FeatureBatch, TableMeta, decode_batch, read_meta
+from core.features import FeatureBatch, TableMeta, arrow_to_columns, decode_batch, read_meta
 from core.student import build_student, load_student, save_student
 from core.training import TrainStep, distill_loss, pick_captions, warmup_cosine
 from core.teachers import build_teacher
@@ -120,11 +119,7 @@ def iter_feature_batches(
     if shuffle_seed is not None:
         kwargs.update(local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=shuffle_seed)
     for table in dataset.iter_batches(**kwargs):
-        yield decode_batch(_columns(table), meta)
-
-
-def _columns(table: pa.Table) -> dict[str, list]:
-    return {name: table.column(name).to_pylist() for name in table.column_names}
+        yield decode_batch(arrow_to_columns(table), meta)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -132,7 +127,7 @@ def train_loop(config: dict) -> None:
     """One worker's training. `config` is plain data so Ray can ship it anywhere:
     distill (DistillConfig dict), meta (TableMeta dict), teacher (TeacherConfig dict, for the
     online mode), run_id/tracking_uri/experiment_id (the MLflow run, logged by rank 0),
-    init_checkpoint (optional student to start from), fail_after (test hook: [[epoch, marker], ...])."""
+    fail_after (test hook: [[epoch, marker], ...])."""
     session: Session = config.get("_session") or TrainSession()
     quiet_training_worker()
     cfg = DistillConfig.model_validate(config["distill"])
@@ -146,8 +141,6 @@ def train_loop(config: dict) -> None:
 
     teacher_dim = meta.embed_dim if cfg.loss.objective == "dldkd" else None
     student = build_student(cfg.student, meta.num_frames, cfg.loss.temperature, teacher_dim)
-    if config.get("init_checkpoint"):
-        student.load_state_dict(load_student(config["init_checkpoint"]).state_dict(), strict=False)
     student.to(device)
     optimizer = torch.optim.AdamW(student.param_groups(cfg.lr, cfg.lr_new, cfg.weight_decay))
 

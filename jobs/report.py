@@ -62,7 +62,6 @@ def final_report(cfg: VidkdConfig, table_dir: Path, teacher: TeacherConfig, stud
                  quant_dir: str, parent: RunLogger) -> dict[str, Any]:
     meta = read_meta(table_dir)
     test = table_batches(table_dir, meta, "test")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows: dict[str, dict[str, float]] = {}
 
     if meta.has_teacher:

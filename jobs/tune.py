@@ -19,7 +19,6 @@ from typing import Any
 
 import pyarrow.fs
 import ray
-import yaml
 from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -306,10 +305,6 @@ def _close_trial_runs(parent: RunLogger, trials: list[dict], max_epochs: int) ->
         run = parent.find_child(f"trial-{trial['trial_id']}")
         if run:
             run.end("FAILED" if trial["failed"] else "FINISHED" if trial["epochs"] >= max_epochs else "KILLED")
-
-
-def load_best(path: str | Path) -> dict:
-    return yaml.safe_load(Path(path).read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
