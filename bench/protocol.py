@@ -53,7 +53,7 @@ class Protocol:
         from core.evaluation import evaluate_teacher_table
         from core.features import read_meta
         from core.student import load_student
-        from jobs.distill import split_datasets
+        from jobs.trainer import split_datasets
         from jobs.extract import run_extract
         from jobs.pipeline import stage_teacher
         from jobs.quantize import table_batches

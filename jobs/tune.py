@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
-import ray
 from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -27,8 +26,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from core.calibration import Calibration, resolve_temperatures
 from core.config import DistillConfig, SearchDim, TeacherConfig, VidkdConfig, digest, dump_config
-from core.features import read_meta
-from jobs.distill import (FIRST_STEP_KEY, TARGET_METRIC, TuneSession, check_table, log_calibration, shuffled_blocks,
+from core.features import TableMeta, read_meta
+from jobs.distill import check_table, log_calibration
+from jobs.trainer import (FIRST_STEP_KEY, TARGET_METRIC, LoopSpec, TuneSession, make_trainer, shuffled_blocks,
                           split_datasets, train_loop)
 from jobs.plots import metric_vs_params, trial_curves
 from jobs.runtime import cluster_cpus, init_ray, run_path, storage_path
@@ -134,7 +134,7 @@ def experiment_name(cfg: VidkdConfig, table_key: str) -> str:
     return "tune-" + digest([table_key, cfg.tune.model_dump(mode="json"), cfg.distill.model_dump(mode="json")], 12)
 
 
-def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: RunLogger | None, workers: int,
+def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: RunLogger | None,
                storage: str, datasets: dict) -> None:
     """One trial: a distill run with the sampled settings, logged as a child of the search."""
     distill = apply_params(DistillConfig.model_validate(base), params)
@@ -142,32 +142,13 @@ def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: R
     logger = parent.child_once(f"trial-{trial_id}", {"vidkd.stage": "tune-trial"}) if parent else None
     if logger:
         logger.log_params({"trial_id": trial_id, **params})
-    loop_config = {
-        "distill": distill.model_dump(mode="json"),
-        "meta": meta,
-        "teacher": teacher,  # the online mode encodes with it
-        "run_id": logger.run_id if logger else None,
-        "tracking_uri": logger.uri if logger else None,
-        "experiment_id": logger.experiment_id if logger else None,
-    }
-    datasets = {**datasets, "train": shuffled_blocks(datasets["train"], distill.seed)}
-    if workers == 1:
-        train_loop({**loop_config, "_session": TuneSession(datasets)})
+    spec = LoopSpec.for_run(distill, TableMeta(**meta), TeacherConfig.model_validate(teacher), logger)
+    if distill.num_workers == 1:
+        train_loop(spec.to_config(), TuneSession({**datasets, "train": shuffled_blocks(datasets["train"], distill.seed)}))
         return
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=distill.use_gpu is True,
-                                     resources_per_worker={"CPU": distill.cpus_per_worker}),
-        datasets={"train": datasets["train"], "val": datasets["val"]},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=f"trial-{trial_id}", storage_path=storage, callbacks=[TuneReportCallback()],
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    ).fit()
+    make_trainer(spec, datasets, f"trial-{trial_id}", storage, callbacks=[TuneReportCallback()]).fit()
 
 
 def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = None,
@@ -183,8 +164,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     meta = read_meta(table_dir)
     base = cfg.distill.model_copy(update={"epochs": tcfg.max_epochs, "num_workers": tcfg.workers_per_trial,
                                           "cpus_per_worker": tcfg.cpus_per_worker})
-    if tcfg.gpus_per_worker > 0:
-        base = base.model_copy(update={"use_gpu": True})
+    base = base.model_copy(update={"use_gpu": tcfg.gpus_per_worker > 0})  # trials use what the search asks for
     check_table(meta, base, table_dir)
     base, calibration = resolve_temperatures(base, table_dir, teacher or cfg.extract.teacher)
     if calibration:
@@ -203,8 +183,8 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
 
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, base=base.model_dump(mode="json"), meta=meta.__dict__,
-                             teacher=(teacher or cfg.extract.teacher).model_dump(), parent=logger,
-                             workers=tcfg.workers_per_trial, storage=storage, datasets=datasets),
+                             teacher=(teacher or cfg.extract.teacher).model_dump(mode="json"), parent=logger,
+                             storage=storage, datasets=datasets),
         trial_resources,
     )
     path = run_path(storage, name)

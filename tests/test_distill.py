@@ -15,9 +15,9 @@ from core.losses import fgt_target, teachclip_loss, teacher_similarity
 from core.student import build_student, load_student
 from core.teachers import build_teacher
 from core.training import cached_teacher, online_teacher, warmup_cosine
-from jobs.distill import (STATE_FILE, check_table, run_distill, shuffled_blocks, split_datasets, train_videos,
-                          training_name)
+from jobs.distill import check_table, run_distill, training_name
 from jobs.extract import run_extract
+from jobs.trainer import STATE_FILE, shuffled_blocks, split_datasets, train_videos
 from jobs.quantize import table_batches
 from jobs.tracking import RunLogger
 from tests.conftest import tiny_config
@@ -200,3 +200,17 @@ def test_training_sees_the_blocks_in_a_new_order_every_epoch(ray_local):
     assert sorted(epochs[0]) == list(range(64)) and epochs[0] != list(range(64))
     assert epochs[0] != epochs[1]
     assert order(shuffled_blocks(table(), seed=7)) == epochs[0]  # a new job with the same seed
+
+
+def test_the_loop_spec_travels_as_plain_data():
+    import json
+
+    from core.config import TeacherConfig
+    from jobs.trainer import LoopSpec
+
+    distill = DistillConfig(loss=LossConfig(tau_video=0.05, tau_frame=0.5), epochs=3)
+    meta = TableMeta(num_frames=4, image_size=32, teacher={"kind": "vidkd", "name": "t"}, embed_dim=16,
+                     cache_key="k", counts={"train": 8, "val": 2})
+    spec = LoopSpec(distill, meta, TeacherConfig(kind="none"), "run", "sqlite:///x.db", "1", [(1, "/m")])
+    config = json.loads(json.dumps(spec.to_config()))  # what Ray ships is JSON-able
+    assert LoopSpec.from_config(config) == spec
