@@ -85,12 +85,22 @@ class TeacherConfig(_Strict):
     pretrained: str | None = None  # open_clip tag, or a local checkpoint file
     path: str | None = None  # local model directory (xclip, internvideo2) or vidkd checkpoint
     trust_remote_code: bool = False  # explicit opt-in for internvideo2's remote code
+    # internvideo2 built in: a published checkpoint file of this architecture, and the local
+    # tokenizer directory of its text encoder (bert-large-uncased)
+    variant: Literal["stage2-1b", "stage2-micro"] | None = None
+    checkpoint: str | None = None
+    tokenizer: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     @model_validator(mode="after")
     def _needs(self) -> "TeacherConfig":
         if self.kind == "open_clip" and not self.name:
             raise ValueError("open_clip teacher needs `name` (an open_clip model name)")
+        if self.kind == "internvideo2" and (self.variant or self.checkpoint or self.tokenizer):
+            if not (self.variant and self.checkpoint and self.tokenizer) or self.path:
+                raise ValueError("internvideo2 built in needs `variant`, `checkpoint` (the .pt file) and "
+                                 "`tokenizer` (a local bert-large-uncased directory), and no `path`")
+            return self
         if self.kind in ("xclip", "internvideo2", "vidkd") and not self.path:
             raise ValueError(f"{self.kind} teacher needs `path` (a local directory or checkpoint)")
         if self.kind == "internvideo2" and not self.trust_remote_code:

@@ -348,7 +348,7 @@ def test_internvideo2_needs_the_remote_code_opt_in(internvideo2_dir):
     with pytest.raises(ValueError, match="trust_remote_code"):
         TeacherConfig(kind="internvideo2", path=str(internvideo2_dir))
     with pytest.raises(ValueError, match="trust_remote_code"):
-        InternVideo2Teacher(internvideo2_dir)
+        InternVideo2Teacher.from_remote_code(internvideo2_dir)
 
 
 def test_internvideo2_uses_the_checkpoints_retrieval_methods(internvideo2_dir):
