@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 from typing import Optional
 
@@ -27,14 +26,29 @@ def up(
     port: int = typer.Option(6379, "--port", help="The head's GCS port"),
 ) -> None:
     """Start a Ray head on this machine (dashboard on 127.0.0.1)."""
-    address = local.cluster_up(num_cpus, num_gpus, host, dashboard_port, port)
-    typer.echo(f"Ray head is up. Submit with: vidkd submit pipeline --address {address} --config configs/demo.yaml")
+    try:
+        head = local.cluster_up(num_cpus, num_gpus, host, dashboard_port, port)
+    except ValueError as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    typer.echo(f"Ray head is up. Submit with: vidkd submit pipeline --address {head.address} --config configs/demo.yaml")
+    typer.echo(f"Stop it with: vidkd cluster down --port {head.port}")
 
 
 @cluster_app.command("down")
-def down() -> None:
-    """Stop the local Ray head and its workers."""
-    local.cluster_down()
+def down(
+    port: Optional[int] = typer.Option(None, "--port", help="The head's GCS port, where `cluster up` started several"),
+) -> None:
+    """Stop the Ray head `vidkd cluster up` started, with its workers; other Ray instances keep running."""
+    try:
+        head = local.cluster_down(port)
+    except ValueError as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if head is None:
+        typer.echo("no Ray head started by `vidkd cluster up` is running" + (f" on port {port}" if port else ""))
+    else:
+        typer.echo(f"stopped the Ray head on port {head.port} ({head.session_dir})")
 
 
 def submit_cmd(
@@ -92,12 +106,15 @@ def ui(
     port: int = typer.Option(5000, "--port"),
 ) -> None:
     """Start the MLflow UI on the SQLite store under runs/ (127.0.0.1 by default)."""
-    process = local.start_mlflow_server(output_dir, host, port)
-    typer.echo(f"MLflow UI: http://{host}:{port}   (Ctrl-C to stop)")
-    try:
-        process.wait()
-    except KeyboardInterrupt:
-        os.killpg(process.pid, signal.SIGTERM)
+    with local.exit_on_termination():
+        process = local.start_mlflow_server(output_dir, host, port)
+        try:
+            typer.echo(f"MLflow UI: {local.mlflow_ui_url(host, port)}   (Ctrl-C to stop)")
+            process.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            local.stop_process_group(process)
 
 
 def register(app: typer.Typer) -> None:

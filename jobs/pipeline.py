@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest, dump_config
 from core.datasets import read_manifest, read_msrvtt
-from jobs.tracking import RunLogger
+from jobs.tracking import RunLogger, pipeline_params
 
 log = logging.getLogger("vidkd.pipeline")
 STAGES = ("data", "teacher", "extract", "tune", "distill", "quantize")
@@ -113,6 +113,7 @@ def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
     parent = RunLogger.create("pipeline", cfg.tracking, tags={"vidkd.stage": "pipeline"}, output_dir=cfg.output_dir)
     with parent.running():
         parent.log_text(dump_config(cfg), "config.yaml")
+        parent.log_params(pipeline_params(cfg))
         stage_data(cfg, cache)
         records = load_records(cfg)
         init_ray(cfg.ray)

@@ -20,9 +20,16 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from core.config import TrackingConfig
+from core.config import TrackingConfig, VidkdConfig
 
 DEFAULT_DIR = "runs"
+
+# MLflow 3's UI has a GenAI side (overview, traces) and a model-training side (the runs table).
+# This experiment tag says which one an experiment is; it is what the UI's own "experiment type"
+# setting writes. 3.17 decides the landing page by its workflow switch before the tag, so
+# `vidkd ui` also links to the training side (cluster/local.py).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
 
 
 def tracking_uri(cfg: TrackingConfig | None = None, output_dir: str = DEFAULT_DIR) -> str:
@@ -44,17 +51,56 @@ def default_artifact_root(output_dir: str = DEFAULT_DIR) -> str:
 
 
 def get_experiment_id(uri: str, name: str, output_dir: str = DEFAULT_DIR) -> str:
+    """The experiment's id, created when missing, and tagged as a model-training experiment (an
+    experiment from before the tag gets it; a kind someone chose in the UI stays)."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # Artifacts of a local SQLite store go under runs/artifacts; a remote server decides itself.
-    location = default_artifact_root(output_dir) if uri.startswith("sqlite:") else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
-        # another process created it first
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        # Artifacts of a local SQLite store go under runs/artifacts; a remote server decides itself.
+        location = default_artifact_root(output_dir) if uri.startswith("sqlite:") else None
+        try:
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException:
+            # another process created it first
+            experiment = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+# The loss settings each objective reads (core/losses.py): the others would be columns of
+# numbers that changed nothing.
+_OBJECTIVE_LOSS_PARAMS = {
+    "teachclip": ("w_in", "w_cgt", "w_fgt", "temperature", "tau_video", "tau_frame"),
+    "dldkd": ("w_feat", "lambda_i0", "gamma_i", "lambda_e0", "gamma_e", "temperature", "tau_kl", "tau_explore"),
+    "none": ("w_in", "temperature"),
+}
+
+
+def pipeline_params(cfg: VidkdConfig) -> dict[str, str | float]:
+    """The settings that tell two pipelines apart, as params of the pipeline run, so the runs
+    table compares them side by side (config.yaml, logged beside them, has all the rest).
+
+    Values are the config's: `auto` temperatures are calibrated at distill time (the distill
+    run's `calibration.*` params), and with `tune.enabled` the search starts from them."""
+    distill, loss = cfg.distill, cfg.distill.loss
+    params: dict[str, str | float] = {"teacher": _teacher_param(cfg), "student": distill.student.model,
+                                      "objective": loss.objective, "teacher_mode": distill.teacher_mode,
+                                      "epochs": distill.epochs}
+    if cfg.teacher_training is not None:
+        params["teacher.epochs"] = cfg.teacher_training.distill.epochs
+    params.update({f"loss.{name}": getattr(loss, name) for name in _OBJECTIVE_LOSS_PARAMS[loss.objective]})
+    params["tune"] = f"{cfg.tune.num_samples} trials" if cfg.tune.enabled else "off"
+    return params
+
+
+def _teacher_param(cfg: VidkdConfig) -> str:
+    if cfg.teacher_training is not None:  # the demo's: trained by the pipeline without a teacher
+        return f"trained {cfg.teacher_training.distill.student.model}"
+    teacher = cfg.extract.teacher
+    parts = [teacher.kind, teacher.name, teacher.pretrained or teacher.path]
+    return " ".join(part for part in parts if part)
 
 
 class RunLogger:

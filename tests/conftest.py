@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,20 @@ def tracking_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path / "runs"
+
+
+def page_text(url: str, profile: Path) -> str | None:
+    """The page's text as headless Chromium renders it; None where Chromium is not installed."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        return None
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    return " ".join(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S)).split())
 
 
 def tiny_config(tmp: Path, manifest: Path, **sections):
@@ -92,7 +109,24 @@ def plain_student(teacher_table, tmp_path_factory):
     return result.checkpoint, result
 
 
+@pytest.fixture(autouse=True)
+def own_ray_heads(request, tmp_path_factory, monkeypatch):
+    """A test marked `own_ray_cluster` records the heads it starts with `vidkd cluster up` in a state
+    directory of its own: its `vidkd cluster down` finds those and no other test run's, and a head
+    it leaves running (a failure before `down`) is stopped after it."""
+    if request.node.get_closest_marker("own_ray_cluster") is None:
+        yield
+        return
+    from cluster import local
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+    yield
+    for head in local.recorded_heads():
+        local.stop_head(head)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `own_ray_cluster` start and stop a Ray head of their own (`ray stop` ends every
-    Ray process on the machine): they run last, after the session's local instance is shut down."""
+    """Tests marked `own_ray_cluster` start a Ray head of their own and stop only that one. They run
+    last, when the session's local instance is no longer needed: a head beside it would share the
+    machine's few CPUs with it."""
     items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is not None)

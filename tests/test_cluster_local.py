@@ -1,0 +1,144 @@
+"""The processes `vidkd ui` and `vidkd cluster up` start end with them, and only those."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster import local
+from jobs.tracking import RunLogger
+from tests.conftest import page_text
+
+ROOT = Path(__file__).resolve().parent.parent
+VIDKD = [sys.executable, "-m", "jobs.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    try:
+        local.wait_for_http(url, timeout=0)
+    except TimeoutError:
+        return False
+    return True
+
+
+def read_until(stream, pattern: str, timeout: float) -> re.Match:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        if match := re.search(pattern, line):
+            return match
+    raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(seen)}")
+
+
+def test_ui_stops_its_server_on_sigterm(tracking_dir):
+    """SIGTERM to `vidkd ui` (what a process manager or `kill` sends) ends the mlflow server it
+    started, uvicorn included; the URL it prints opens our experiment's runs table."""
+    pipeline = RunLogger.create("pipeline")
+    pipeline.child("extract").end()
+    experiment = pipeline.experiment_id
+    port = free_port()
+    ui = subprocess.Popen(VIDKD + ["ui", "--runs", str(tracking_dir), "--port", str(port)], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server: list[psutil.Process] = []
+    try:
+        url = read_until(ui.stdout, r"MLflow UI: (\S+)", timeout=150).group(1)
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+        server = psutil.Process(ui.pid).children(recursive=True)
+        assert any("mlflow" in " ".join(p.cmdline()) for p in server) and len(server) >= 2, server
+        assert answers(f"http://127.0.0.1:{port}/health")
+        page = page_text(url, tracking_dir.parent / "chromium")
+        if page is not None:  # MLflow 3.17 opens its GenAI overview without the link's workflowType
+            assert page.startswith("Runs - Experiment") and "pipeline" in page and "2 matching runs" in page, page[:2000]
+
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(server, timeout=10)
+        assert not alive, f"left running: {alive}"
+        assert not answers(f"http://127.0.0.1:{port}/health")
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+        for proc in server:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        ui.wait(timeout=30)
+
+
+@pytest.mark.own_ray_cluster
+def test_cluster_down_stops_only_its_own_head():
+    """`vidkd cluster up` and `down` beside an unrelated Ray head (another user's job, another test
+    run): ours is gone, the unrelated one still runs jobs."""
+    from cluster.submit import client
+
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    # Under the system temp dir itself: Ray's socket paths below its temp dir must fit in 107 bytes.
+    other_tmp = tempfile.mkdtemp(prefix="vidkd-ray-")
+    other_port, other_dashboard = free_port(), free_port()
+    other = None
+    try:
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={other_port}",
+                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={other_dashboard}",
+                        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                        "--num-cpus=1", f"--temp-dir={other_tmp}", "--disable-usage-stats"],
+                       check=True, env=env, timeout=180, capture_output=True)
+        other = local.find_head(other_port, f"http://127.0.0.1:{other_dashboard}")
+        other_core = [p for p in other.processes() if p.name() in ("gcs_server", "raylet")]
+        assert len(other_core) == 2
+
+        port, dashboard = free_port(), free_port()
+        up = subprocess.run(VIDKD + ["cluster", "up", "--num-cpus", "1", "--port", str(port),
+                                     "--dashboard-port", str(dashboard)],
+                            cwd=ROOT, env=env, timeout=180, capture_output=True, text=True)
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
+        assert f"vidkd cluster down --port {port}" in up.stdout
+        [own] = local.recorded_heads()
+        own_processes = own.processes()
+        names = {p.name() for p in own_processes}
+        assert own.port == port and {"gcs_server", "raylet"} <= names and len(own_processes) >= 5, names
+        assert not {p.pid for p in own_processes} & {p.pid for p in other.processes()}
+
+        down = subprocess.run(VIDKD + ["cluster", "down"], cwd=ROOT, env=env, timeout=120, capture_output=True,
+                              text=True)
+        assert down.returncode == 0 and f"stopped the Ray head on port {port}" in down.stdout, down.stderr[-3000:]
+        _, alive = psutil.wait_procs(own_processes, timeout=5)
+        assert not alive, f"left running: {alive}"
+        assert not answers(f"http://127.0.0.1:{dashboard}/api/version") and local.recorded_heads() == []
+
+        assert all(p.is_running() for p in other_core)
+        jobs = client(other.address)
+        job = jobs.submit_job(entrypoint="python -c \"print('still here')\"")
+        deadline = time.monotonic() + 120
+        while not jobs.get_job_status(job).is_terminal() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert str(jobs.get_job_status(job)) == "SUCCEEDED" and "still here" in jobs.get_job_logs(job)
+
+        again = subprocess.run(VIDKD + ["cluster", "down"], cwd=ROOT, env=env, timeout=60, capture_output=True,
+                               text=True)
+        assert again.returncode == 0 and "no Ray head started by `vidkd cluster up` is running" in again.stdout
+    finally:
+        if other is not None:
+            local.stop_head(other)
+        shutil.rmtree(other_tmp, ignore_errors=True)
