@@ -99,7 +99,7 @@ def _teacher_param(cfg: VidkdConfig) -> str:
     if cfg.teacher_training is not None:  # the demo's: trained by the pipeline without a teacher
         return f"trained {cfg.teacher_training.distill.student.model}"
     teacher = cfg.extract.teacher
-    parts = [teacher.kind, teacher.name, teacher.pretrained or teacher.path]
+    parts = [teacher.kind, teacher.name or teacher.variant, teacher.pretrained or teacher.path or teacher.checkpoint]
     return " ".join(part for part in parts if part)
 
 

@@ -48,6 +48,11 @@ def test_pipeline_params_name_what_was_trained(tmp_path):
     assert {"loss.lambda_i0", "loss.gamma_e", "loss.tau_kl", "loss.tau_explore"} <= set(dldkd)
     assert not {"loss.w_cgt", "loss.w_fgt", "loss.tau_video", "loss.tau_frame"} & set(dldkd)
 
+    raw["teacher_training"] = None
+    raw["extract"]["teacher"] = {"kind": "internvideo2", "variant": "stage2-1b", "checkpoint": "iv2/1b.pt",
+                                 "tokenizer": "bert"}
+    assert pipeline_params(type(cfg).model_validate(raw))["teacher"] == "internvideo2 stage2-1b iv2/1b.pt"
+
 
 def test_pipeline_params_as_the_runs_table_shows_them(tracking_dir, tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "manifest.jsonl")
