@@ -96,6 +96,9 @@ def test_checkpoint_files_are_read_as_tensors_only(reference, tmp_path):
     wrapped = tmp_path / "deepspeed.pt"
     torch.save({"module": reference["state_dict"], "global_steps": torch.tensor(3)}, wrapped)
     assert read_state_dict(wrapped).keys() == reference["state_dict"].keys()
+    legacy = tmp_path / "legacy.pt"  # the pre-zip format, which cannot be memory-mapped
+    torch.save(reference["state_dict"], legacy, _use_new_zipfile_serialization=False)
+    assert read_state_dict(legacy).keys() == reference["state_dict"].keys()
 
     pickled = tmp_path / "pickled.pt"  # training arguments: an object torch.load would have to rebuild
     torch.save({"model": reference["state_dict"], "args": argparse.Namespace(lr=1e-4)}, pickled)

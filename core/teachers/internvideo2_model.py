@@ -419,7 +419,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"InternVideo2 checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:  # mapped, not read: a 1B checkpoint is 4-6 GB and most of it is cast or moved anyway
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # files in the pre-zip format cannot be mapped
+            if "mmap" not in str(error):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # an unpickling refusal names what it would have had to run
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path}: cannot be read as tensors with torch.load(weights_only=True): {first_line}") from None
