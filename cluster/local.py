@@ -79,11 +79,15 @@ def heads_dir() -> Path:
 
 
 def recorded_heads() -> list[Head]:
-    """The heads `cluster up` recorded that still run; records of heads that ended are dropped."""
+    """The heads `cluster up` recorded that still run; records of heads that ended (or that no
+    longer read as a head) are dropped."""
     heads = []
     for path in sorted(heads_dir().glob("*.json")):
-        head = Head(**json.loads(path.read_text()))
-        if head.processes():
+        try:
+            head = Head(**json.loads(path.read_text()))
+        except (OSError, TypeError, ValueError):
+            head = None
+        if head is not None and head.processes():
             heads.append(head)
         else:
             path.unlink(missing_ok=True)
