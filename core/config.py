@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -390,7 +391,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return config_from_dict(apply_overrides(raw, list(overrides or [])))
+        # A manifest named in a config file resolves against the file's folder, as the manifest's
+        # video paths resolve against the manifest's: the three move together. One given with
+        # --set is typed in a shell and resolves against the working directory. Either is kept
+        # absolute, so a config written out (Tune's best) names the same file from anywhere.
+        _absolute_manifest(raw, path.parent)
+    raw = apply_overrides(raw, list(overrides or []))
+    _absolute_manifest(raw, Path.cwd())
+    return config_from_dict(raw)
+
+
+def _absolute_manifest(raw: dict[str, Any], folder: Path) -> None:
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("manifest"), str) and data["manifest"]:
+        data["manifest"] = os.path.abspath(folder / Path(data["manifest"]).expanduser())
 
 
 def dump_config(config: BaseModel) -> str:

@@ -12,8 +12,11 @@ A manifest is the one input every stage reads. Two formats, picked by suffix:
 Relative paths resolve against the manifest's folder, so a dataset folder can be moved or
 mounted elsewhere as a whole. Blank captions are dropped. A video may have no captions (an
 empty list, or one CSV row with an empty `caption`): the manifest stays readable and the extract
-stage records it as a failure.
-Every error is a `ValueError` with one line naming the file and line number.
+stage records it as a failure. A JSONL manifest lists each video once: a repeated `video_id` is
+an error, not a merge, since it is usually the same line pasted twice or two manifests joined.
+Files are read as UTF-8 (a spreadsheet's leading byte-order mark is dropped). A missing file is a
+`FileNotFoundError`; every other error is a `ValueError`; each is one line naming the file, and
+the line number where there is one.
 
 `read_msrvtt` turns the MSRVTT release (MSRVTT_data.json and the 9k / JSFusion-1k split files
 that CLIP4Clip and its successors use) into the same records.
@@ -21,7 +24,9 @@ that CLIP4Clip and its successors use) into the same records.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 import random
@@ -34,6 +39,7 @@ from typing import Iterable
 SPLITS = ("train", "val", "test", "pool")
 CSV_COLUMNS = ("video_id", "path", "caption", "split")
 JSONL_KEYS = ("video_id", "path", "captions", "split")
+MANIFEST_SUFFIXES = (".jsonl", ".csv")
 
 
 @dataclass
@@ -47,20 +53,33 @@ class VideoRecord:
 def read_manifest(path: str | Path) -> list[VideoRecord]:
     """The videos of a JSONL or CSV manifest, in file order, paths made absolute."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+    _check_file(path, "manifest", MANIFEST_SUFFIXES)
     suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".csv"):
+    if suffix not in MANIFEST_SUFFIXES:
         raise ValueError(f"{path}: unknown manifest format {path.suffix!r} (expected .jsonl or .csv)")
-    builder = _RecordBuilder(path)
-    with path.open(newline="", encoding="utf-8") as file:
-        if suffix == ".jsonl":
-            _read_jsonl(file, builder)
-        else:
-            _read_csv(file, builder)
+    builder = _RecordBuilder(path, merge_rows=suffix == ".csv")
+    file = _open_text(path)
+    if suffix == ".jsonl":
+        _read_jsonl(file, builder)
+    else:
+        _read_csv(file, builder)
     if not builder.records:
         raise ValueError(f"{path}: the manifest lists no videos")
     return list(builder.records.values())
+
+
+def missing_videos(records: list[VideoRecord], source: str | Path) -> list[VideoRecord]:
+    """The records whose video file does not exist, which the extract stage records as failures.
+    A `ValueError` instead when no stage could use `records` at all: not one video has a caption,
+    or not one of the files exists (a manifest moved without its videos, a wrong video folder).
+    `source` names the manifest or folder in the message."""
+    if not any(record.captions for record in records):
+        raise ValueError(f"{source}: no video has a caption (each needs at least one to be trained on)")
+    missing = [record for record in records if not Path(record.path).is_file()]
+    if len(missing) == len(records):
+        raise ValueError(f"{source}: none of its {len(records)} video files exists as a file "
+                         f"(the first: {records[0].path})")
+    return missing
 
 
 def write_manifest(records: Iterable[VideoRecord], path: str | Path) -> Path:
@@ -145,12 +164,15 @@ def read_msrvtt(
 
 # ----------------------------------------------------------------------------------- helpers
 class _RecordBuilder:
-    """Collects rows into records, merging rows of one video and checking they agree."""
+    """Collects rows into records, checking that rows of one video agree; `merge_rows`: a video
+    may take several rows (CSV, one per caption), else each video is one row (JSONL)."""
 
-    def __init__(self, manifest: Path):
+    def __init__(self, manifest: Path, merge_rows: bool):
         self.manifest = manifest
         self.folder = Path(os.path.abspath(manifest.parent))
+        self.merge_rows = merge_rows
         self.records: dict[str, VideoRecord] = {}
+        self.first_line: dict[str, int] = {}
 
     def error(self, line: int, message: str) -> ValueError:
         return ValueError(f"{self.manifest}:{line}: {message}")
@@ -169,11 +191,15 @@ class _RecordBuilder:
         record = self.records.get(video_id)
         if record is None:
             self.records[video_id] = VideoRecord(video_id, resolved, captions, split)
+            self.first_line[video_id] = line
             return
         if record.path != resolved:
             raise self.error(line, f"video {video_id} has two paths: {record.path} and {resolved}")
         if record.split != split:
             raise self.error(line, f"video {video_id} is in two splits: {record.split} and {split}")
+        if not self.merge_rows:
+            raise self.error(line, f"video {video_id} is listed again (first on line {self.first_line[video_id]}): "
+                                   "give each video one line, with all its captions")
         record.captions.extend(captions)
 
 
@@ -207,16 +233,43 @@ def _read_csv(file, builder: _RecordBuilder) -> None:
         builder.add(reader.line_num, row["video_id"], row["path"], [caption] if caption else [], row["split"])
 
 
+def _check_file(path: Path, what: str, suffixes: tuple[str, ...]) -> None:
+    """One line saying what is wrong when `path` is not a file; `what` names it. A directory's
+    files of the expected `suffixes` are named: the one meant is likely among them."""
+    if path.is_dir():
+        inside = sorted(child.name for child in path.iterdir() if child.suffix.lower() in suffixes)
+        holds = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        raise ValueError(f"{path} is a directory, not the {what}{holds}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
+def _open_text(path: Path) -> io.StringIO:
+    """The file as UTF-8 text, lines split as `open(newline="")` splits them. A byte that is not
+    UTF-8 is reported by line and column (the decoder itself gives only an offset into the file)."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read ({error.strerror})") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return io.StringIO(data.decode("utf-8"), newline="")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line, column = data.count(b"\n", 0, error.start) + 1, error.start - line_start + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}); "
+                         "save the file as UTF-8") from None
+
+
 def _relative_to(video_path: str, folder: Path) -> str:
     absolute = Path(os.path.abspath(video_path))  # abspath, not resolve: keep symlinked folders
     return absolute.relative_to(folder).as_posix() if absolute.is_relative_to(folder) else str(absolute)
 
 
 def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"MSRVTT annotation file not found: {path}")
+    _check_file(path, "MSRVTT annotation file", (".json",))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.load(_open_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
     if not isinstance(data, dict) or not isinstance(data.get("sentences"), list):
@@ -229,16 +282,14 @@ def _load_json(path: Path) -> dict:
 
 def _csv_rows(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) for each row, checking `columns` exist and are filled."""
-    if not path.is_file():
-        raise FileNotFoundError(f"MSRVTT split file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        missing = [column for column in columns if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}:1: missing column(s): {', '.join(missing)}")
-        rows = []
-        for row in reader:
-            if any(not row.get(column) for column in columns):
-                raise ValueError(f"{path}:{reader.line_num}: empty {' or '.join(columns)}")
-            rows.append((reader.line_num, row))
+    _check_file(path, "MSRVTT split file", (".csv",))
+    reader = csv.DictReader(_open_text(path))
+    missing = [column for column in columns if column not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}:1: missing column(s): {', '.join(missing)}")
+    rows = []
+    for row in reader:
+        if any(not row.get(column) for column in columns):
+            raise ValueError(f"{path}:{reader.line_num}: empty {' or '.join(columns)}")
+        rows.append((reader.line_num, row))
     return rows

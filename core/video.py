@@ -30,6 +30,17 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DECODE_FAILURE_REASONS = ("missing", "empty", "corrupt", "no_frames")
 
 
+def set_decoder_logging(verbose: bool) -> None:
+    """ffmpeg writes each decoding error of a damaged clip to stderr, many lines per clip and from
+    every decode task, while what is wrong with the file comes back as a `VideoDecodeError` anyway:
+    quiet unless `verbose` (ffmpeg's own default). decord and PyAV load the same libavutil, so
+    decord's setting holds for both."""
+    decord.logging.set_level(decord.logging.INFO if verbose else decord.logging.QUIET)
+
+
+set_decoder_logging(False)
+
+
 class VideoDecodeError(Exception):
     """A video that cannot be decoded; `reason` is one of `DECODE_FAILURE_REASONS`."""
 
@@ -150,6 +161,8 @@ def _probe(path: Path, video_id: str) -> tuple[int, int]:
 
     Decodes the first frame: its display rotation is only readable from a frame, and decord
     applies it before scaling, so a phone clip shot upright has its sides swapped."""
+    if path.is_dir():
+        raise VideoDecodeError(video_id, path, "missing", "a directory, not a video file")
     if not path.is_file():
         raise VideoDecodeError(video_id, path, "missing", "no such file")
     if path.stat().st_size == 0:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from core.config import ConfigError, SynthConfig, VidkdConfig, load_config
+from core.config import ConfigError, SynthConfig, TeacherConfig, VidkdConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress video-text retrieval models on Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic set, inspect a manifest.")
@@ -17,6 +18,10 @@ app.add_typer(data_app, name="data")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML preset, e.g. configs/demo.yaml")
 SetOpt = typer.Option(None, "--set", help="Override a setting: section.key=value (repeatable)")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also show the libraries' INFO lines, Ray Data's "
+                          "execution plans and ffmpeg's decoder errors")
+# open_clip's `pretrained` is a tag (laion2b_s34b_b79k) or a local file: these name files.
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def _fail(message: str) -> None:
@@ -31,8 +36,101 @@ def _load(config: Optional[Path], overrides: Optional[list[str]]) -> VidkdConfig
         _fail(str(error))
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def _setup_logging(verbose: bool) -> None:
+    from jobs.runtime import log_level, set_verbose
+
+    set_verbose(verbose)
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("mlflow").setLevel(log_level())  # its own handler: "Creating initial MLflow database tables"
+
+
+def _prepare(stage: str, config: Optional[Path], overrides: Optional[list[str]], verbose: bool,
+             table: Optional[Path] = None, checkpoint: Optional[Path] = None) -> VidkdConfig:
+    """Where every stage command starts: logging, the config, then every file the run will read,
+    so that a mistake ends in one line and exit status 2 before Ray or MLflow start."""
+    _setup_logging(verbose)
+    cfg = _load(config, overrides)
+    try:
+        warnings = check_inputs(cfg, stage, table=table, checkpoint=checkpoint)
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+    for warning in warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    return cfg
+
+
+# --------------------------------------------------------------------- what a run will read
+def check_inputs(cfg: VidkdConfig, stage: str, table: Path | None = None, checkpoint: Path | None = None) -> list[str]:
+    """Check the files `stage` will read: the manifest or MSRVTT files (unless the run generates
+    the dataset, or `table` is given), the feature table, the teacher's and students' weights,
+    the checkpoint. Raises `OSError` or `ValueError` with one line naming the file (and line)
+    and what to fix; returns one-line warnings about what the run can live with."""
+    if checkpoint is not None:
+        _check_path(checkpoint, "--checkpoint", "file")
+    reads_data = table is None or stage == "pipeline"
+    if not reads_data:
+        from core.features import is_committed
+
+        _check_path(table, "--table", "dir")
+        if not is_committed(table):
+            raise ValueError(f"--table {table}: not a complete feature table (no commit marker); "
+                             "give a directory that `vidkd extract` wrote")
+    warnings = []
+    if reads_data and not (stage == "pipeline" and cfg.data.synth is not None):  # the data stage writes it
+        warnings = _check_dataset(cfg)
+    if cfg.teacher_training is None and (reads_data or cfg.distill.teacher_mode == "online"):
+        _check_teacher(cfg.extract.teacher)
+    if stage in ("distill", "tune", "pipeline"):
+        _check_weights(cfg.distill.student.pretrained, "distill.student.pretrained")
+    if cfg.teacher_training is not None and reads_data:
+        _check_weights(cfg.teacher_training.distill.student.pretrained, "teacher_training.distill.student.pretrained")
+    return warnings
+
+
+def _check_dataset(cfg: VidkdConfig) -> list[str]:
+    from core.datasets import missing_videos
+    from jobs.pipeline import load_records
+
+    manifest = cfg.data.manifest_path()
+    if cfg.data.synth is not None and not manifest.exists():
+        raise FileNotFoundError(f"manifest not found: {manifest} (`vidkd pipeline` generates this config's "
+                                "dataset first)")
+    records = load_records(cfg)
+    source = f"data.msrvtt.video_dir {cfg.data.msrvtt.video_dir}" if cfg.data.msrvtt else manifest
+    missing = missing_videos(records, source)
+    if not missing:
+        return []
+    return [f"{source}: {len(missing)} of {len(records)} video files do not exist (the first: {missing[0].path}); "
+            "extract records them as failures"]
+
+
+def _check_teacher(teacher: TeacherConfig) -> None:
+    if teacher.kind == "open_clip":
+        _check_weights(teacher.pretrained, "extract.teacher.pretrained")
+    elif teacher.kind == "vidkd":
+        _check_path(Path(teacher.path), "extract.teacher.path", "file")
+    elif teacher.kind in ("xclip", "internvideo2"):
+        path = _check_path(Path(teacher.path), "extract.teacher.path", "dir")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"extract.teacher.path: {path} is not a Hugging Face model directory (no config.json)")
+
+
+def _check_weights(pretrained: str | None, field: str) -> None:
+    """An open_clip `pretrained` that names a file must exist; a tag is open_clip's to resolve."""
+    if pretrained and ("/" in pretrained or os.sep in pretrained or Path(pretrained).suffix in WEIGHT_SUFFIXES):
+        _check_path(Path(pretrained), field, "file")
+
+
+def _check_path(path: Path, field: str, kind: str) -> Path:
+    """`path` exists and is a file (`kind` "file") or a directory ("dir"); `field` names the setting."""
+    path = path.expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{field}: {path} not found")
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"{field}: {path} is a directory, not a file")
+    if kind == "dir" and not path.is_dir():
+        raise ValueError(f"{field}: {path} is a file, not a directory")
+    return path
 
 
 # ------------------------------------------------------------------------------------ data
@@ -73,10 +171,13 @@ def data_inspect(
     sheet: Optional[Path] = typer.Option(None, "--sheet", help="Contact-sheet PNG (default: beside the manifest)"),
     frames: int = typer.Option(8, "--frames"),
     rows: int = typer.Option(6, "--rows"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Counts per split, durations, caption examples and a contact sheet of sampled frames."""
+    from core.video import set_decoder_logging
     from jobs.inspect import inspect_manifest
 
+    set_decoder_logging(verbose)
     try:
         report = inspect_manifest(manifest, sheet or manifest.parent / "contact_sheet.png", frames, rows)
     except (FileNotFoundError, ValueError) as error:
@@ -86,12 +187,11 @@ def data_inspect(
 
 # ---------------------------------------------------------------------------------- stages
 @app.command()
-def extract(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def extract(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, verbose: bool = VerboseOpt) -> None:
     """Stage 1: decode videos and extract teacher features into the feature table."""
     from jobs.pipeline import run_single_stage
 
-    _setup_logging()
-    run_single_stage("extract", _load(config, set_))
+    run_single_stage("extract", _prepare("extract", config, set_, verbose))
 
 
 @app.command()
@@ -99,12 +199,12 @@ def distill(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     table: Optional[Path] = typer.Option(None, "--table", help="An existing feature table directory"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Stage 2: distill the student from the feature table with Ray Train."""
     from jobs.pipeline import run_single_stage
 
-    _setup_logging()
-    run_single_stage("distill", _load(config, set_), table=table)
+    run_single_stage("distill", _prepare("distill", config, set_, verbose, table=table), table=table)
 
 
 @app.command()
@@ -113,12 +213,12 @@ def tune(
     set_: Optional[list[str]] = SetOpt,
     table: Optional[Path] = typer.Option(None, "--table"),
     restart: bool = typer.Option(False, "--restart", help="Start anew instead of continuing this config's search"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Stage 3: search temperatures and loss weights with Ray Tune."""
     from jobs.pipeline import run_single_stage
 
-    _setup_logging()
-    run_single_stage("tune", _load(config, set_), table=table, restart=restart)
+    run_single_stage("tune", _prepare("tune", config, set_, verbose, table=table), table=table, restart=restart)
 
 
 @app.command()
@@ -127,14 +227,13 @@ def quantize(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     table: Optional[Path] = typer.Option(None, "--table"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Stage 4: GPTQ INT4 of the student's vision encoder, evaluated against full precision."""
     from jobs.pipeline import run_single_stage
 
-    _setup_logging()
-    if not checkpoint.is_file():
-        _fail(f"checkpoint not found: {checkpoint}")
-    run_single_stage("quantize", _load(config, set_), table=table, checkpoint=checkpoint)
+    cfg = _prepare("quantize", config, set_, verbose, table=table, checkpoint=checkpoint)
+    run_single_stage("quantize", cfg, table=table, checkpoint=checkpoint)
 
 
 @app.command()
@@ -145,14 +244,14 @@ def pipeline(
                                         "tune, distill, quantize. Trainings from it start from scratch; extract "
                                         "still reuses a committed feature table with the same content key (it "
                                         "would be the same table)"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """The whole workflow: data -> teacher -> extract -> tune -> distill -> quantize -> report."""
     from jobs.pipeline import STAGES, run_pipeline
 
-    _setup_logging()
     if from_ and from_ not in STAGES:
         _fail(f"--from {from_}: expected one of {', '.join(STAGES)}")
-    run_pipeline(_load(config, set_), from_stage=from_)
+    run_pipeline(_prepare("pipeline", config, set_, verbose), from_stage=from_)
 
 
 def run_stage_main(stage: str, argv: list[str] | None = None) -> None:

@@ -30,8 +30,8 @@ from core.datasets import SPLITS, VideoRecord, read_manifest
 from core.features import SCHEMA, TableMeta, TableSink, to_bytes
 from core.teachers import build_teacher
 from core.teachers.base import hash_files
-from core.video import VideoDecodeError, decode_video
-from jobs.runtime import cluster_cpus, cluster_gpus, init_ray, want_gpu
+from core.video import VideoDecodeError, decode_video, set_decoder_logging
+from jobs.runtime import cluster_cpus, cluster_gpus, init_ray, verbose, want_gpu
 
 if TYPE_CHECKING:  # the workers that run this module's UDFs never import MLflow
     from jobs.tracking import RunLogger
@@ -63,6 +63,7 @@ class ExtractResult:
 def decode_rows(batch: pa.Table, num_frames: int, image_size: int) -> pa.Table:
     """CPU task: decode each video of the batch; a failure becomes the row's `error`."""
     torch.set_num_threads(1)
+    set_decoder_logging(verbose())
     rows = []
     for row in batch.to_pylist():
         out = {
@@ -207,7 +208,8 @@ def _build_table(
     ray_cfg: RayConfig,
 ) -> ExtractResult:
     start = time.perf_counter()
-    failures = [{"video_id": r["video_id"], "reason": "no_captions"} for r in rows if not r["captions"]]
+    failures = [{"video_id": r["video_id"], "reason": "no_captions", "detail": "the manifest gives it no caption"}
+                for r in rows if not r["captions"]]
     inputs = [
         {"video_id": r["video_id"], "path": r["path"], "captions": r["captions"], "split": r["split"]}
         for r in rows

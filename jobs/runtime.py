@@ -12,6 +12,25 @@ from core.config import RayConfig
 
 log = logging.getLogger("vidkd")
 
+# `--verbose`: set in the driver's environment, which the workers of a local instance inherit.
+VERBOSE_ENV = "VIDKD_VERBOSE"
+
+
+def set_verbose(verbose: bool) -> None:
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    else:
+        os.environ.pop(VERBOSE_ENV, None)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def log_level() -> int:
+    """The stages report their progress at WARNING; libraries' INFO lines only at `--verbose`."""
+    return logging.INFO if verbose() else logging.WARNING
+
 
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Join the cluster in `cfg.address` (or $RAY_ADDRESS), else start a new local instance.
@@ -26,28 +45,64 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # Workers log at WARNING, as the driver does: no INFO lines from libraries (open_clip's
-    # model-building steps) in every worker; the stages report their progress at WARNING.
-    logging_config = ray.LoggingConfig(encoding="TEXT", log_level="WARNING")
+    # Workers log at the driver's level: no INFO lines from libraries (open_clip's model-building
+    # steps) in every worker unless `--verbose`.
+    level = log_level()
+    logging_config = ray.LoggingConfig(encoding="TEXT", log_level=logging.getLevelName(level))
+    root_handlers = list(logging.getLogger().handlers)
     if address:
         ray.init(address=address, log_to_driver=True, logging_config=logging_config)
-        return
-    ray.init(
-        address="local",
-        num_cpus=cfg.num_cpus,
-        include_dashboard=True,  # Ray Train polls the state API (served by the dashboard) for its clean-up
-        dashboard_host="127.0.0.1",
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level=logging.WARNING,
-        logging_config=logging_config,
-    )
+    else:
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=True,  # Ray Train polls the state API (served by the dashboard) for its clean-up
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level=level,
+            logging_config=logging_config,
+        )
+    # The logging config also adds a handler to the driver's root logger: with the CLI's own, every
+    # line of the driver would be printed twice.
+    root = logging.getLogger()
+    if root_handlers:
+        for handler in root.handlers[:]:
+            if handler not in root_handlers:
+                root.removeHandler(handler)
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Unless `--verbose`: no execution plan each time a dataset is read (every epoch, for each
+    split; the datasets made from here on copy this context, wherever they are read), no line
+    each time one is done or written in this process (the progress bars say so), and no warning
+    that a dataset "will hang" for want of CPUs, which Ray Data gives whenever all CPUs are busy at
+    the moment it starts (training workers, the teacher's actors finishing) and which then passes."""
+    from ray.data import DataContext
+
+    DataContext.get_current().print_on_execution_start = verbose()
+    for name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose() else logging.WARNING)
+    dataset_log = logging.getLogger("ray.data.dataset")
+    if verbose():
+        dataset_log.removeFilter(_no_cpu_warning)
+    else:
+        dataset_log.addFilter(_no_cpu_warning)
+
+
+def _no_cpu_warning(record: logging.LogRecord) -> bool:
+    return "does not have any available CPUs" not in record.getMessage()
 
 
 def quiet_training_worker() -> None:
-    """In a training worker: no per-report dump of every metric from Ray Train's context, whose
-    logger is named after its file. (The datasets it reads carry their own no-progress-bar
-    context from `jobs.distill.split_datasets`.)"""
+    """In a training worker. Ray Train sets the worker's root logger to INFO, so libraries' INFO
+    lines (open_clip's, at each model build) would show: back to the driver's level. And no
+    per-report dump of every metric from Ray Train's context, whose logger is named after its
+    file. (The datasets it reads carry their own no-progress-bar context from
+    `jobs.distill.split_datasets`.)"""
+    logging.getLogger().setLevel(log_level())
+    quiet_ray_data()
     try:
         from ray.train.v2._internal.execution import context
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import decord
 import numpy as np
+import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,3 +59,133 @@ def test_bad_settings_stop_with_one_line(tmp_path):
 
     done = vidkd("pipeline", "--config", "configs/demo.yaml", "--from", "nowhere")
     assert done.returncode == 2 and "--from nowhere" in done.stderr
+
+
+# ---------------------------------------------------------------- bad inputs fail fast
+def write_jsonl(path: Path, *rows: dict) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def row(video_id: str, path: str, captions=("a car turns left",)) -> dict:
+    return {"video_id": video_id, "path": path, "captions": list(captions), "split": "train"}
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """Each case: a command line, and what its one line of error says (the file, and the line)."""
+    data = tmp / "data"
+    (data / "videos").mkdir(parents=True)
+    (data / "videos" / "v1.mp4").write_bytes(b"\0" * 64)  # there is a file: the checks never decode it
+    (data / "videos" / "folder.mp4").mkdir()
+    good = write_jsonl(data / "good.jsonl", row("v1", "videos/v1.mp4"))
+    latin1 = data / "latin1.jsonl"
+    second = json.dumps(row("v2", "videos/v1.mp4", ["caf\u00e9"]), ensure_ascii=False).encode("latin-1")
+    latin1.write_bytes(json.dumps(row("v1", "videos/v1.mp4")).encode() + b"\n" + second)
+    twice = write_jsonl(data / "twice.jsonl", row("v1", "videos/v1.mp4"), row("v2", "videos/v1.mp4"),
+                        row("v1", "videos/v1.mp4", ["another caption"]))
+    folder = write_jsonl(data / "folder.jsonl", row("v1", "videos/folder.mp4"))
+    silent = write_jsonl(data / "silent.jsonl", row("v1", "videos/v1.mp4", []))
+    # conf/../data/twice.jsonl, wherever vidkd runs from
+    relative = write_config(tmp / "conf" / "relative.yaml", "data:\n  manifest: ../data/twice.jsonl\n")
+    teacher = write_config(tmp / "conf" / "teacher.yaml", f"data:\n  manifest: {good}\n"
+                           f"extract:\n  teacher: {{kind: vidkd, path: {tmp / 'teacher.pt'}}}\n")
+    msrvtt = write_config(tmp / "conf" / "msrvtt.yaml", "data:\n  msrvtt:\n" + "".join(
+        f"    {key}: {tmp / 'msrvtt' / name}\n" for key, name in
+        (("data_json", "MSRVTT_data.json"), ("train_csv", "train.csv"), ("test_csv", "test.csv"), ("video_dir", "v"))))
+    with_good = ["--set", f"data.manifest={good}"]
+    return {
+        "non-UTF-8 bytes": (["extract", "--set", f"data.manifest={latin1}"],
+                            f"{latin1}:2: not UTF-8 text (byte 0xe9 at column {second.index(0xe9) + 1}); "
+                            "save the file as UTF-8"),
+        "a directory as the manifest": (["distill", "--set", f"data.manifest={data}"],
+                                        f"{data} is a directory, not the manifest (it holds folder.jsonl, "
+                                        "good.jsonl, latin1.jsonl, ...)"),
+        "a directory as every video": (["pipeline", "--set", f"data.manifest={folder}"],
+                                       f"{folder}: none of its 1 video files exists as a file"),
+        "a video listed twice": (["tune", "--set", f"data.manifest={twice}"],
+                                 f"{twice}:3: video v1 is listed again (first on line 1)"),
+        "no captions": (["extract", "--set", f"data.manifest={silent}"], f"{silent}: no video has a caption"),
+        "a relative manifest in a config": (["extract", "--config", str(relative)], f"{twice}:3: video v1 is"),
+        "a missing teacher": (["extract", "--config", str(teacher)],
+                              f"extract.teacher.path: {tmp / 'teacher.pt'} not found"),
+        "missing MSRVTT files": (["pipeline", "--config", str(msrvtt)],
+                                 f"MSRVTT annotation file not found: {tmp / 'msrvtt' / 'MSRVTT_data.json'}"),
+        "a directory as the checkpoint": (["quantize", "--checkpoint", str(data), *with_good],
+                                          f"--checkpoint: {data} is a directory, not a file"),
+        "not a feature table": (["distill", "--table", str(data), *with_good],
+                                f"--table {data}: not a complete feature table"),
+        "a bad setting": (["distill", *with_good, "--set", "distill.lr=0"],
+                          "distill.lr: Input should be greater than 0"),
+    }
+
+
+CASES = ["non-UTF-8 bytes", "a directory as the manifest", "a directory as every video", "a video listed twice",
+         "no captions", "a relative manifest in a config", "a missing teacher", "missing MSRVTT files",
+         "a directory as the checkpoint", "not a feature table", "a bad setting"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_exit_2_before_anything_starts(case, tmp_path, monkeypatch):
+    """Checked before Ray or MLflow: no stage runs, and the command leaves nothing behind."""
+    from jobs import cli, pipeline
+
+    args, message = bad_inputs(tmp_path)[case]
+    assert sorted(bad_inputs(tmp_path / "all")) == sorted(CASES)
+
+    def started(*args, **kwargs):
+        raise AssertionError("a stage started")
+
+    monkeypatch.setattr(pipeline, "run_single_stage", started)
+    monkeypatch.setattr(pipeline, "run_pipeline", started)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    done = CliRunner().invoke(cli.app, args)
+    assert done.exit_code == 2, (done.output, done.exception)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr
+    assert list(elsewhere.iterdir()) == [], "no runs/ directory, no mlflow.db"
+
+
+def test_a_bad_manifest_ends_the_real_command_before_ray_starts(tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    line = b'{"video_id": "v1", "path": "v1.mp4", "captions": ["\xff"], "split": "train"}\n'
+    manifest.write_bytes(line)
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "pipeline", "--config", str(ROOT / "configs/demo.yaml"),
+                           "--set", "data.synth=null", "--set", f"data.manifest={manifest}"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"error: {manifest}:1: not UTF-8 text (byte 0xff at column "
+                                        f"{line.index(0xff) + 1}); save the file as UTF-8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "ray"]  # no runs/, no mlflow.db
+    assert list(ray_tmp.iterdir()) == [], "Ray never started"
+
+
+def test_videos_missing_among_others_are_one_warning_and_the_stage_runs(tmp_path, monkeypatch):
+    """The stage runs with the checked config; `--verbose` reaches the workers through the environment."""
+    from jobs import cli, pipeline
+    from jobs.runtime import VERBOSE_ENV
+
+    (tmp_path / "v1.mp4").write_bytes(b"\0" * 64)
+    manifest = write_jsonl(tmp_path / "m.jsonl", row("v1", "v1.mp4"), row("v2", "v2.mp4"))
+    calls = []
+    monkeypatch.setattr(pipeline, "run_single_stage", lambda stage, cfg, **kwargs: calls.append(
+        (stage, cfg.data.manifest, os.environ.get(VERBOSE_ENV))))
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    for extra in ([], ["--verbose"]):
+        done = CliRunner().invoke(cli.app, ["extract", "--set", f"data.manifest={manifest}", *extra])
+        assert done.exit_code == 0, (done.output, done.exception)
+        assert done.stderr.splitlines() == [f"warning: {manifest}: 1 of 2 video files do not exist (the first: "
+                                            f"{tmp_path / 'v2.mp4'}); extract records them as failures"]
+    assert calls == [("extract", str(manifest), None), ("extract", str(manifest), "1")]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.datasets import VideoRecord, read_manifest, read_msrvtt, write_manifest
+from core.datasets import VideoRecord, missing_videos, read_manifest, read_msrvtt, write_manifest
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -133,6 +133,65 @@ def test_unknown_suffix_and_missing_file(tmp_path):
         read_manifest(write_lines(tmp_path / "m.txt", ["x"]))
 
 
+def test_a_directory_is_not_called_missing(tmp_path):
+    (tmp_path / "set").mkdir()
+    with pytest.raises(ValueError) as caught:
+        read_manifest(tmp_path / "set")
+    assert str(caught.value) == f"{tmp_path / 'set'} is a directory, not the manifest"
+    write_lines(tmp_path / "set" / "manifest.jsonl", jsonl({"video_id": "v1", "path": "a.mp4", "captions": [],
+                                                          "split": "train"}))
+    with pytest.raises(ValueError, match=r"is a directory, not the manifest \(it holds manifest.jsonl\)$"):
+        read_manifest(tmp_path / "set")
+
+
+@pytest.mark.parametrize("suffix, header", [(".jsonl", b""), (".csv", b"video_id,path,caption,split\n")])
+def test_bytes_that_are_not_utf8_are_named_by_line_and_column(tmp_path, suffix, header):
+    good = (b'{"video_id": "v1", "path": "a.mp4", "captions": ["fine"], "split": "train"}\n' if suffix == ".jsonl"
+            else b"v1,a.mp4,fine,train\n")
+    bad = good.replace(b"v1", b"v2").replace(b"fine", b"caf\xe9")  # latin-1, as a spreadsheet may save it
+    path = tmp_path / f"m{suffix}"
+    path.write_bytes(header + good + bad)
+    line = 3 if header else 2
+    with pytest.raises(ValueError) as caught:
+        read_manifest(path)
+    assert str(caught.value) == (f"{path}:{line}: not UTF-8 text (byte 0xe9 at column {bad.index(0xe9) + 1}); "
+                                 "save the file as UTF-8")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"\xef\xbb\xbfvideo_id,path,caption,split\r\nv1,a.mp4,\"two\r\nlines\",train\r\n")
+    assert read_manifest(path) == [VideoRecord("v1", str(tmp_path / "a.mp4"), ["two\r\nlines"], "train")]
+
+
+def test_jsonl_video_listed_twice_is_an_error_csv_rows_merge(tmp_path):
+    rows = [{"video_id": "v1", "path": "a.mp4", "captions": ["one"], "split": "train"},
+            {"video_id": "v2", "path": "b.mp4", "captions": ["two"], "split": "train"},
+            {"video_id": "v1", "path": "a.mp4", "captions": ["three"], "split": "train"}]
+    path = write_lines(tmp_path / "m.jsonl", jsonl(*rows))
+    with pytest.raises(ValueError) as caught:
+        read_manifest(path)
+    assert str(caught.value) == (f"{path}:3: video v1 is listed again (first on line 1): "
+                                 "give each video one line, with all its captions")
+    csv_path = write_manifest([VideoRecord("v1", str(tmp_path / "a.mp4"), ["one", "three"], "train")],
+                              tmp_path / "m.csv")
+    assert read_manifest(csv_path)[0].captions == ["one", "three"]  # one row per caption
+
+
+def test_missing_videos_and_records_no_stage_could_use(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "dir.mp4").mkdir()
+    here = VideoRecord("a", str(tmp_path / "a.mp4"), ["c"], "train")
+    gone = VideoRecord("b", str(tmp_path / "b.mp4"), ["c"], "train")
+    folder = VideoRecord("d", str(tmp_path / "dir.mp4"), ["c"], "train")
+    assert missing_videos([here, gone, folder], "m.jsonl") == [gone, folder]
+    with pytest.raises(ValueError) as caught:
+        missing_videos([gone, folder], "m.jsonl")
+    assert str(caught.value) == f"m.jsonl: none of its 2 video files exists as a file (the first: {gone.path})"
+    with pytest.raises(ValueError, match=r"^m.jsonl: no video has a caption"):
+        missing_videos([VideoRecord("a", here.path, [], "train")], "m.jsonl")
+
+
 # ------------------------------------------------------------------------------------ MSRVTT
 @pytest.fixture
 def msrvtt(tmp_path) -> dict[str, Path]:
@@ -195,5 +254,11 @@ def test_msrvtt_bad_inputs(msrvtt, tmp_path):
         read_msrvtt(**msrvtt)
     with pytest.raises(FileNotFoundError, match="MSRVTT annotation file not found"):
         read_msrvtt(**{**msrvtt, "data_json": tmp_path / "nope.json"})
+    with pytest.raises(ValueError, match="is a directory, not the MSRVTT annotation file"):
+        read_msrvtt(**{**msrvtt, "data_json": tmp_path})
+    write_lines(msrvtt["train_csv"], ["video_id", "video1"])
+    msrvtt["test_csv"].write_bytes(b"key,vid_key,video_id,sentence\nret0,msr1,video7010,a caf\xe9\n")
+    with pytest.raises(ValueError, match=r"JSFUSION_test.csv:2: not UTF-8 text \(byte 0xe9 at column 26\)"):
+        read_msrvtt(**msrvtt)
     with pytest.raises(ValueError, match="val_fraction"):
         read_msrvtt(**msrvtt, val_fraction=1.0)

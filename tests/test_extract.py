@@ -70,6 +70,9 @@ def test_table_holds_good_videos_failures_the_bad_ones(ray_local, mixed_manifest
     assert sorted(table["video_id"].to_pylist()) == [f"good{i}" for i in range(8)]
     reasons = {f["video_id"]: f["reason"] for f in result.failures}
     assert reasons == {"missing": "missing", "text": "corrupt", "empty": "empty", "nocaption": "no_captions"}
+    details = {f["video_id"]: f["detail"] for f in result.failures}
+    assert details["missing"] == "no such file" and details["nocaption"] == "the manifest gives it no caption"
+    assert all(details.values()), details
     assert result.meta.counts == {"train": 4, "val": 2, "test": 2}
 
     # The 2-frame clip is good input with a mask.

@@ -1,12 +1,17 @@
-"""Starting Ray: a stage without an address gets its own local instance."""
+"""Starting Ray: a stage without an address gets its own local instance, quiet unless --verbose."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
+
+from jobs.runtime import VERBOSE_ENV, quiet_training_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +39,68 @@ def test_no_address_starts_a_local_instance_even_when_a_head_is_recorded():
                               timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "CPUS 1.0" in done.stdout
+
+
+LOG_PROBE = """
+import logging
+import ray
+logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # as the CLI does
+from core.config import RayConfig
+from jobs.runtime import init_ray, log_level
+init_ray(RayConfig(num_cpus=1))
+logging.getLogger("vidkd.extract").warning("extract: wrote 3 videos")
+logging.getLogger("ray.data.dataset").warning(
+    "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
+print("ROWS", ray.data.range(3).materialize().count())
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_driver_prints_its_lines_once_and_ray_data_quietly_unless_verbose(verbose):
+    """Ray's logging config adds a second handler to the driver's root logger; Ray Data prints a
+    plan and a closing line whenever a dataset is read, and warns that it "will hang" whenever all
+    CPUs are busy."""
+    with tempfile.TemporaryDirectory(prefix="vk", dir="/tmp") as short:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", VERBOSE_ENV)}
+        env.update(RAY_TMPDIR=short, PYTHONPATH=str(ROOT), **({VERBOSE_ENV: "1"} if verbose else {}))
+        done = subprocess.run([sys.executable, "-c", LOG_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=180)
+    assert done.returncode == 0 and "ROWS 3" in done.stdout, done.stderr[-2000:]
+    assert done.stderr.count("extract: wrote 3 videos") == 1, done.stderr[-2000:]
+    assert ("Execution plan of Dataset" in done.stderr) == verbose, done.stderr[-2000:]
+    assert ("execution finished" in done.stderr) == verbose, done.stderr[-2000:]
+    assert ("will hang" in done.stderr) == verbose, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_training_worker_shows_no_info_lines_of_model_building_unless_verbose(verbose, monkeypatch):
+    """Ray Train leaves a worker's root logger at INFO, where open_clip logs each step of a model
+    build."""
+    from ray.data import DataContext
+
+    from core.modelzoo import create_clip
+
+    context = DataContext.get_current()
+    monkeypatch.setattr(context, "print_on_execution_start", context.print_on_execution_start)
+    if verbose:
+        monkeypatch.setenv(VERBOSE_ENV, "1")
+    else:
+        monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.INFO)  # as Ray Train configures it; restored after
+    for name in ("ray.data.dataset", "ray.data._internal.execution.streaming_executor"):
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "filters", list(logger.filters))
+        monkeypatch.setattr(logger, "level", logger.level)
+    root.addHandler(handler)
+    try:
+        quiet_training_worker()
+        create_clip("vidkd-vit-micro")
+    finally:
+        root.removeHandler(handler)
+    assert any("Parsing model identifier" in r.getMessage() for r in records) == verbose
+    assert context.print_on_execution_start == verbose

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -158,6 +160,42 @@ def test_bad_files_raise_decode_error(clips, name, reason):
     error = caught.value
     assert (error.reason, error.video_id, error.path) == (reason, f"vid-{name}", str(path))
     assert "\n" not in str(error) and f"vid-{name}" in str(error) and reason in str(error)
+
+
+def test_a_directory_is_not_called_a_missing_file(tmp_path):
+    (tmp_path / "clip.mp4").mkdir()
+    with pytest.raises(VideoDecodeError, match="a directory, not a video file") as caught:
+        decode_video(tmp_path / "clip.mp4", num_frames=4, size=32)
+    assert caught.value.reason == "missing"
+
+
+DECODE_DAMAGED = """
+import sys
+from core.video import decode_video, set_decoder_logging
+if sys.argv[2:] == ["verbose"]:
+    set_decoder_logging(True)
+frames, mask = decode_video(sys.argv[1], num_frames=8, size=32)
+print("decoded", int(mask.sum()))
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_decoder_errors_of_a_damaged_clip_stay_off_stderr_unless_verbose(clips, tmp_path, verbose):
+    """A clip with damaged frame data still decodes; ffmpeg's complaints about each damaged
+    macroblock are shown only when asked for (the C library writes them: hence a process)."""
+    rng = np.random.default_rng(0)
+    noise = write_mp4(tmp_path / "noise.mp4", [rng.integers(0, 255, (48, 64, 3), np.uint8) for _ in range(12)])
+    data = bytearray(noise.read_bytes())
+    frames_start, frames_end = data.find(b"mdat"), data.find(b"moov")  # PyAV writes the index last
+    for i in range((frames_start + frames_end) // 2, frames_end - 8, 41):  # the later frames' data
+        data[i] ^= 0x5A
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-c", DECODE_DAMAGED, str(damaged)] + (["verbose"] if verbose else [])
+    done = subprocess.run(args, capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 0 and "decoded 8" in done.stdout, done.stderr[-2000:]
+    assert ("error while decoding" in done.stderr) == verbose, done.stderr[-2000:]
 
 
 def test_video_id_defaults_to_file_stem_and_error_pickles(tmp_path):
