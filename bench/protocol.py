@@ -41,36 +41,33 @@ class Protocol:
     """Runs a benchmark's trainings under one MLflow parent run and one StageCache."""
 
     def __init__(self, cfg: VidkdConfig, parent: Any):
-        from jobs.pipeline import StageCache, load_records, stage_data
+        from jobs.pipeline import StageCache
 
         self.cfg, self.parent = cfg, parent
         self.cache = StageCache(cfg, None)
-        stage_data(cfg, self.cache)
-        self.records = load_records(cfg)
 
     def teacher(self, training: TeacherTrainingConfig | None = None, label: str = "teacher") -> TeacherSetup:
-        """Train the teacher (default: the config's own teacher_training), extract its table."""
+        """The pipeline's stages up to extract, with `training` as the teacher to train (default:
+        the config's own teacher_training), under a child run `label`; then the teacher's test row."""
         from core.evaluation import evaluate_teacher_table
         from core.features import read_meta
         from core.student import load_student
+        from jobs.pipeline import Context, run_stages
+        from core.features import table_batches
         from jobs.trainer import split_datasets
-        from jobs.extract import run_extract
-        from jobs.pipeline import stage_teacher
-        from jobs.quantize import table_batches
 
         cfg = self.cfg if training is None else self.cfg.model_copy(update={"teacher_training": training})
-        teacher = stage_teacher(cfg, self.cache, self.records, self.parent)
-        run = self.parent.child(f"extract-{label}", {"vidkd.stage": "extract"})
+        run = self.parent.child(label, {"vidkd.stage": "bench-teacher"})
         with run.running():
-            table = run_extract(cfg, self.records, teacher=teacher, logger=run)
-        meta = read_meta(table.table_dir)
-        datasets = split_datasets(table.dataset if table.dataset is not None else table.table_dir, meta,
-                                  cfg.distill.train_splits)
-        test = table_batches(table.table_dir, meta, "test")
+            ctx = run_stages(Context(cfg, self.cache, run), until="extract")
+        meta = read_meta(ctx.table_dir)
+        datasets = ctx.datasets or split_datasets(ctx.table_dir, meta, cfg.distill.train_splits)
+        test = table_batches(ctx.table_dir, meta, "test")
         row = evaluate_teacher_table(test)
+        teacher = ctx.teacher
         if teacher.kind == "vidkd":  # a teacher trained here: its own logit scale, 1 / the tau it trained at
             row["logit_scale"] = float(load_student(teacher.path).logit_scale)
-        return TeacherSetup(teacher, Path(table.table_dir), meta, datasets, test, row)
+        return TeacherSetup(teacher, ctx.table_dir, meta, datasets, test, row)
 
     def student(self, setup: TeacherSetup, distill: DistillConfig, name: str, tags: dict | None = None,
                 test: bool = True) -> dict[str, Any]:
@@ -81,7 +78,7 @@ class Protocol:
         from core.calibration import resolve_temperatures
         from core.student import load_student
         from jobs.distill import log_calibration, run_distill
-        from jobs.quantize import evaluate_student
+        from core.evaluation import evaluate_student
 
         distill, calibration = resolve_temperatures(distill, setup.table_dir, setup.teacher)
         if calibration:

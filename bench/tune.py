@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from core.config import load_config
-from jobs.pipeline import StageCache, load_records, stage_teacher
+from jobs.pipeline import Context, StageCache, run_stages
 from jobs.tracking import RunLogger
 
 
@@ -31,17 +31,15 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
-    from jobs.extract import run_extract
     from jobs.runtime import init_ray
     from jobs.tune import run_tune
 
     cfg = load_config(args.config, args.overrides)
     init_ray(cfg.ray)
-    records = load_records(cfg)
     run = RunLogger.create("bench-tune", cfg.tracking, tags={"vidkd.stage": "bench"}, output_dir=cfg.output_dir)
     with run.running():
-        teacher = stage_teacher(cfg, StageCache(cfg, None), records, run)
-        table = run_extract(cfg, records, teacher=teacher)
+        ctx = run_stages(Context(cfg, StageCache(cfg, None), run), until="extract")
+        records, table_dir = ctx.records, ctx.table_dir
         rows = {}
         with tempfile.TemporaryDirectory() as storage:
             for scheduler in ("asha", "fifo"):
@@ -51,7 +49,7 @@ def main() -> None:
                 start = time.perf_counter()
                 child = run.child(f"tune-{scheduler}", {"vidkd.stage": "tune"})
                 with child.running():
-                    result = run_tune(cfg.model_copy(update={"tune": tcfg}), table.table_dir, logger=child)
+                    result = run_tune(cfg.model_copy(update={"tune": tcfg}), table_dir, logger=child)
                 startups = [t["startup_s"] for t in result.trials if "startup_s" in t]
                 rows[scheduler] = (result, time.perf_counter() - start, statistics.median(startups))
 

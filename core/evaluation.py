@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
 
 from core.features import FeatureBatch
 from core.metrics import retrieval_metrics
+
+if TYPE_CHECKING:
+    from core.student import VideoTextStudent
 
 # (frames uint8 [B,F,H,W,3], mask [B,F]) -> video_emb [B,D]  and  list[str] -> text_emb [N,D]
 VideoEncoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,3 +54,11 @@ def evaluate_teacher_table(batches: Iterable[FeatureBatch]) -> dict[str, float]:
         caption_video.extend(first + i for i, t in enumerate(batch.teacher_text_emb) for _ in range(t.shape[0]))
     video_emb, text_emb = np.concatenate(videos), np.concatenate(texts)
     return retrieval_metrics(text_emb @ video_emb.T, np.asarray(caption_video))
+
+
+def evaluate_student(model: VideoTextStudent, batches: list[FeatureBatch], device: str) -> dict[str, float]:
+    """A student's retrieval on `batches`, plus R_mean (the mean of t2v R@1/5/10)."""
+    model.eval()
+    metrics = evaluate_retrieval(batches, lambda f, m: model.encode_video(f, m).video_emb, model.encode_text, device)
+    metrics["R_mean"] = (metrics["t2v_R1"] + metrics["t2v_R5"] + metrics["t2v_R10"]) / 3
+    return metrics

@@ -36,8 +36,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
 SCHEMA_VERSION = 1
 META_FILE = "_vidkd_table.json"
@@ -185,53 +183,6 @@ def read_table(table_dir: str | Path, split: str | None = None, columns: list[st
     return pq.read_table(table_dir, columns=columns, filters=keep)
 
 
-class TableSink(Datasink):
-    """Writes the extract stage's rows as the table's Parquet files, in one pass that also
-    splits off the failures: a row whose `error` column is set is not written but returned,
-    with the video counts per split and the embedding width, to `on_write_complete` on the
-    driver (as `failures`, `counts`, `embed_dim`). One file per write task, named by the task's
-    index, so a retried task overwrites its own file. The commit marker is the caller's."""
-
-    ERROR = "error"
-
-    def __init__(self, table_dir: str | Path):
-        self.table_dir = str(table_dir)
-        self.failures: list[dict[str, str]] = []
-        self.counts: dict[str, int] = {}
-        self.embed_dim: int | None = None
-
-    def on_write_start(self, schema: pa.Schema | None = None) -> None:
-        Path(self.table_dir).mkdir(parents=True, exist_ok=True)
-
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
-        failures, counts, embed_dim, parts = [], {}, None, []
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            failed = pc.is_valid(table[self.ERROR])
-            bad = table.filter(failed)
-            for video_id, error in zip(bad["video_id"].to_pylist(), bad[self.ERROR].to_pylist()):
-                reason, _, detail = error.partition(": ")
-                failures.append({"video_id": video_id, "reason": reason, "detail": detail})
-            good = table.filter(pc.invert(failed)).drop_columns([self.ERROR])
-            if not good.num_rows:
-                continue
-            for split in good["split"].to_pylist():
-                counts[split] = counts.get(split, 0) + 1
-            if good["teacher_video_emb"].null_count < good.num_rows:
-                embed_dim = len(pc.drop_null(good["teacher_video_emb"])[0].as_py()) // 2  # float16
-            parts.append(good)
-        if parts:
-            pq.write_table(pa.concat_tables(parts), Path(self.table_dir) / f"part-{ctx.task_idx:06d}.parquet")
-        return {"failures": failures, "counts": counts, "embed_dim": embed_dim}
-
-    def on_write_complete(self, write_result: Any) -> None:
-        for result in write_result.write_returns:
-            self.failures.extend(result["failures"])
-            for split, n in result["counts"].items():
-                self.counts[split] = self.counts.get(split, 0) + n
-            self.embed_dim = self.embed_dim or result["embed_dim"]
-
-
 # --------------------------------------------------------------------------- batches
 @dataclass
 class FeatureBatch:
@@ -272,3 +223,9 @@ def decode_batch(columns: Mapping[str, Sequence[Any]], meta: TableMeta) -> Featu
 
 def arrow_to_columns(table: pa.Table) -> dict[str, list[Any]]:
     return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+def table_batches(table_dir: str | Path, meta: TableMeta, split: str, batch_size: int = 64) -> list[FeatureBatch]:
+    """One split of a table, read without Ray, as decoded batches (evaluation reads test this way)."""
+    table = read_table(table_dir, split=split)
+    return [decode_batch(arrow_to_columns(table.slice(i, batch_size)), meta) for i in range(0, table.num_rows, batch_size)]

@@ -272,3 +272,22 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> 
 def read_checkpoint_extra(path: str | Path) -> dict:
     """The `extra` dict of a student checkpoint, without building the model."""
     return torch.load(Path(path), map_location="cpu", weights_only=True)["extra"]
+
+
+# ------------------------------------------------------------------------------ quantized
+def student_meta(student: VideoTextStudent) -> dict[str, Any]:
+    """What a quantized checkpoint records to rebuild the student's unquantized skeleton."""
+    return {"student": student.config.model_dump(mode="json"), "num_frames": student.num_frames,
+            "teacher_dim": student.teacher_dim}
+
+
+def build_student_skeleton(meta: dict[str, Any]) -> VideoTextStudent:
+    cfg = StudentConfig.model_validate({**meta["student"], "pretrained": None})
+    return build_student(cfg, meta["num_frames"], teacher_dim=meta["teacher_dim"])
+
+
+def load_quantized_student(out_dir: str | Path, device: str = "cpu") -> VideoTextStudent:
+    """A student saved by the quantize stage (core.quant's checkpoint directory)."""
+    from core.quant import load_quantized  # gptqmodel's import is slow: only loading pays it
+
+    return load_quantized(out_dir, build_student_skeleton, device=device)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -76,7 +75,7 @@ def check_inputs(cfg: VidkdConfig, stage: str, table: Path | None = None, checkp
             raise ValueError(f"--table {table}: not a complete feature table (no commit marker); "
                              "give a directory that `vidkd extract` wrote")
     warnings = []
-    if reads_data and not (stage == "pipeline" and cfg.data.synth is not None):  # the data stage writes it
+    if reads_data and cfg.data.synth is None:  # a synthetic set is the data stage's to write
         warnings = _check_dataset(cfg)
     if cfg.teacher_training is None and (reads_data or cfg.distill.teacher_mode == "online"):
         _check_teacher(cfg.extract.teacher)
@@ -92,9 +91,6 @@ def _check_dataset(cfg: VidkdConfig) -> list[str]:
     from jobs.pipeline import load_records
 
     manifest = cfg.data.manifest_path()
-    if cfg.data.synth is not None and not manifest.exists():
-        raise FileNotFoundError(f"manifest not found: {manifest} (`vidkd pipeline` generates this config's "
-                                "dataset first)")
     records = load_records(cfg)
     source = f"data.msrvtt.video_dir {cfg.data.msrvtt.video_dir}" if cfg.data.msrvtt else manifest
     missing = missing_videos(records, source)
@@ -223,7 +219,8 @@ def tune(
 
 @app.command()
 def quantize(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A student checkpoint written by distill"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A student checkpoint written by distill "
+                                              "(default: the distill stage's, built or cached)"),
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     table: Optional[Path] = typer.Option(None, "--table"),
@@ -252,12 +249,6 @@ def pipeline(
     if from_ and from_ not in STAGES:
         _fail(f"--from {from_}: expected one of {', '.join(STAGES)}")
     run_pipeline(_prepare("pipeline", config, set_, verbose), from_stage=from_)
-
-
-def run_stage_main(stage: str, argv: list[str] | None = None) -> None:
-    """`python -m jobs.<stage>` takes the same options as `vidkd <stage>`."""
-    sys.argv = [f"vidkd {stage}"] + list(sys.argv[1:] if argv is None else argv)
-    typer.main.get_command(app).main(args=[stage] + sys.argv[1:], prog_name="vidkd")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Stage 2 — distill: train the student from the feature table with Ray Train.
 
-    python -m jobs.distill --config configs/demo.yaml [--set distill.epochs=3]
+    vidkd distill --config configs/demo.yaml [--set distill.epochs=3]
 
 The stage checks the table, calibrates the teacher temperatures, names the training so that a
 job started again continues it, and fits the `TorchTrainer` of jobs/trainer.py; the best
@@ -20,7 +20,7 @@ import torch
 from core.calibration import Calibration, resolve_temperatures
 from core.config import PUBLISHED_TAU_FRAME, PUBLISHED_TAU_VIDEO, DistillConfig, TeacherConfig, VidkdConfig, digest
 from core.features import TableMeta, read_meta
-from jobs.extract import teacher_identity
+from core.teachers import teacher_identity
 from jobs.runtime import init_ray, run_path, storage_path
 from jobs.tracking import RunLogger
 from jobs.trainer import (CHECKPOINT_FILE, STATE_FILE, TARGET_METRIC, LoopSpec, make_trainer, split_datasets,
@@ -122,13 +122,3 @@ def run_distill(
         logger.log_metrics({f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")})
         logger.set_tags({"best_checkpoint": str(target), "best_epoch": best_metrics["epoch"]})
     return DistillResult(target, best_metrics, history, logger.run_id if logger else None)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from jobs.cli import run_stage_main
-
-    run_stage_main("distill", argv)
-
-
-if __name__ == "__main__":
-    main()

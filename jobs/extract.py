@@ -1,7 +1,7 @@
 """Stage 1 — extract: manifest rows -> decoded frames (CPU tasks) -> teacher embeddings (actor
 pool, one GPU per actor where GPUs exist) -> the feature table.
 
-    python -m jobs.extract --config configs/demo.yaml
+    vidkd extract --config configs/demo.yaml
 
 The table is written to Parquet under `<cache_dir>/<cache key>/` with a commit marker written
 last; a re-run with the same key reuses it. Videos that cannot be decoded and rows without
@@ -15,21 +15,23 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import torch
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
 from ray.data.expressions import col
 
 from core import features
 from core.config import ExtractConfig, RayConfig, TeacherConfig, VidkdConfig
 from core.datasets import SPLITS, VideoRecord, read_manifest
-from core.features import SCHEMA, TableMeta, TableSink, to_bytes
-from core.teachers import build_teacher
-from core.teachers.base import hash_files
+from core.features import SCHEMA, TableMeta, to_bytes
+from core.teachers import build_teacher, teacher_identity
 from core.video import VideoDecodeError, decode_video, set_decoder_logging
 from jobs.runtime import cluster_cpus, cluster_gpus, init_ray, verbose, want_gpu
 
@@ -38,6 +40,55 @@ if TYPE_CHECKING:  # the workers that run this module's UDFs never import MLflow
 
 log = logging.getLogger("vidkd.extract")
 CODE_VERSION = "vidkd-extract/1"
+
+
+class TableSink(Datasink):
+    """Writes the extract stage's rows as the table's Parquet files, in one pass that also
+    splits off the failures: a row whose `error` column is set is not written but returned,
+    with the video counts per split and the embedding width, to `on_write_complete` on the
+    driver (as `failures`, `counts`, `embed_dim`). One file per write task, named by the task's
+    index, so a retried task overwrites its own file. The commit marker is the caller's."""
+
+    ERROR = "error"
+
+    def __init__(self, table_dir: str | Path):
+        self.table_dir = str(table_dir)
+        self.failures: list[dict[str, str]] = []
+        self.counts: dict[str, int] = {}
+        self.embed_dim: int | None = None
+
+    def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        Path(self.table_dir).mkdir(parents=True, exist_ok=True)
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
+        failures, counts, embed_dim, parts = [], {}, None, []
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            failed = pc.is_valid(table[self.ERROR])
+            bad = table.filter(failed)
+            for video_id, error in zip(bad["video_id"].to_pylist(), bad[self.ERROR].to_pylist()):
+                reason, _, detail = error.partition(": ")
+                failures.append({"video_id": video_id, "reason": reason, "detail": detail})
+            good = table.filter(pc.invert(failed)).drop_columns([self.ERROR])
+            if not good.num_rows:
+                continue
+            for split in good["split"].to_pylist():
+                counts[split] = counts.get(split, 0) + 1
+            if good["teacher_video_emb"].null_count < good.num_rows:
+                embed_dim = len(pc.drop_null(good["teacher_video_emb"])[0].as_py()) // 2  # float16
+            parts.append(good)
+        if parts:
+            pq.write_table(pa.concat_tables(parts), Path(self.table_dir) / f"part-{ctx.task_idx:06d}.parquet")
+        return {"failures": failures, "counts": counts, "embed_dim": embed_dim}
+
+    def on_write_complete(self, write_result: Any) -> None:
+        for result in write_result.write_returns:
+            self.failures.extend(result["failures"])
+            for split, n in result["counts"].items():
+                self.counts[split] = self.counts.get(split, 0) + n
+            self.embed_dim = self.embed_dim or result["embed_dim"]
+
+
 _DECODED = pa.schema(list(SCHEMA) + [pa.field(TableSink.ERROR, pa.string())])
 
 
@@ -120,21 +171,6 @@ class TeacherEncoder:
 
 
 # --------------------------------------------------------------------------- the stage
-def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
-    """What the cache key knows of the teacher, computed without loading it: its kind and
-    name, and a hash of its weight files (a pretrained tag names fixed weights itself)."""
-    identity: dict[str, Any] = {"kind": cfg.kind}
-    if cfg.kind == "none":
-        return identity
-    identity.update(name=cfg.name, dtype=cfg.dtype)
-    weights = cfg.path or cfg.pretrained
-    if weights and Path(weights).exists():
-        identity["weights_sha256"] = hash_files(weights)
-    else:
-        identity["weights"] = weights or "random-init(seed=0)"
-    return identity
-
-
 def manifest_rows(records: list[VideoRecord]) -> list[dict[str, Any]]:
     """The rows that define a table: ids, files (with size and mtime), captions, splits."""
     rows = []
@@ -287,13 +323,3 @@ def _log_result(logger: RunLogger, result: ExtractResult) -> None:
     logger.set_tags({"feature_table": str(result.table_dir)})
     logger.log_dict({"failures": result.failures}, "failures.json")
     logger.log_dict(asdict(result.meta), "feature_table.json")
-
-
-def main(argv: list[str] | None = None) -> None:
-    from jobs.cli import run_stage_main
-
-    run_stage_main("extract", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,15 @@
-"""The whole workflow as one command, and each stage on its own.
+"""The stages as one table: the whole workflow, and each stage with the cached prefix it needs.
 
     vidkd pipeline --config configs/demo.yaml [--from distill]
+    vidkd distill --config configs/demo.yaml      (data, teacher, extract, tune as cached, then distill)
 
-data -> teacher (demo only: a larger model trained here with no teacher) -> extract -> tune
-(optional) -> distill (plus the no-distillation baseline) -> quantize -> report. One MLflow parent
-run, a child run per stage. A stage whose output exists for the same content key is skipped
-with a log line; `--from STAGE` re-runs that stage and the ones after it.
+data -> teacher (a config that trains its own: a larger model trained here with no teacher) ->
+extract -> tune (optional) -> distill -> baseline (the same student with no teacher, for the
+report) -> quantize -> report. `STAGE_TABLE` names each stage, the content key of its output,
+what builds it and how to check that its output still exists; `run_stages` is a loop over it.
+One MLflow run per command, a child run per stage built. A stage whose output exists for the
+same content key is skipped with a log line; `--from STAGE` builds that stage and the ones
+after it again.
 """
 
 from __future__ import annotations
@@ -13,15 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest, dump_config
-from core.datasets import read_manifest, read_msrvtt
+from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest, dump_config, load_config
+from core.datasets import VideoRecord, read_manifest, read_msrvtt
 from jobs.tracking import RunLogger, pipeline_params
 
 log = logging.getLogger("vidkd.pipeline")
-STAGES = ("data", "teacher", "extract", "tune", "distill", "quantize")
 
 
 class StageCache:
@@ -32,10 +36,10 @@ class StageCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
 
-    def fresh(self, stage: str, dcfg: DistillConfig) -> DistillConfig:
-        """A training the user asked to run again (`--from`) starts from scratch rather than
-        continuing or reusing the checkpoints of the same training in storage_dir."""
-        return dcfg.model_copy(update={"resume": False}) if stage in self.forced else dcfg
+    def from_scratch(self, stage: str, distill: DistillConfig) -> DistillConfig:
+        """`distill` as the stage trains it: from scratch when the user asked for the stage again
+        (`--from`), rather than continuing or reusing that training's checkpoints in storage_dir."""
+        return distill.model_copy(update={"resume": False}) if stage in self.forced else distill
 
     def run(self, stage: str, key_parts: Any, build: Callable[[], dict], check: Callable[[dict], bool] = lambda o: True,
             label: str | None = None) -> dict:
@@ -52,7 +56,7 @@ class StageCache:
         return {**outputs, "skipped": False}
 
 
-def load_records(cfg: VidkdConfig):
+def load_records(cfg: VidkdConfig) -> list[VideoRecord]:
     if cfg.data.msrvtt:
         m = cfg.data.msrvtt
         return read_msrvtt(m.data_json, m.train_csv, m.test_csv, m.video_dir, m.val_fraction)
@@ -63,117 +67,231 @@ def _exists(*keys: str) -> Callable[[dict], bool]:
     return lambda outputs: all(Path(outputs[k]).exists() for k in keys)
 
 
-# ------------------------------------------------------------------------------ stages
-def stage_data(cfg: VidkdConfig, cache: StageCache) -> None:
-    if cfg.data.synth is None:
-        return
+# ------------------------------------------------------------------------------ context
+@dataclass
+class Context:
+    """What the stages of one command share: its config, cache and MLflow run, each built
+    stage's outputs, and what the user gave instead of a stage (`--table`, `--checkpoint`)."""
+
+    cfg: VidkdConfig
+    cache: StageCache
+    run: RunLogger
+    outputs: dict[str, dict] = field(default_factory=dict)
+    given_table: Path | None = None
+    given_checkpoint: Path | None = None
+    restart_tune: bool = False
+    extracted: Any = None  # the ExtractResult built in this command (its rows may sit in the object store)
+    datasets: dict | None = None  # the table's splits as Ray Datasets, when extract built them here
+    _records: list[VideoRecord] | None = None
+
+    @property
+    def records(self) -> list[VideoRecord]:
+        if self._records is None:
+            self._records = load_records(self.cfg)
+        return self._records
+
+    @property
+    def teacher(self) -> TeacherConfig:
+        """The teacher trained by the teacher stage, or the configured one."""
+        if "teacher" in self.outputs:
+            return TeacherConfig(kind="vidkd", path=self.outputs["teacher"]["checkpoint"])
+        return self.cfg.extract.teacher
+
+    @property
+    def table_dir(self) -> Path:
+        return self.given_table or Path(self.outputs["extract"]["table_dir"])
+
+    @property
+    def table_key(self) -> str:
+        from core.features import read_meta
+
+        return read_meta(self.table_dir).cache_key
+
+    @property
+    def distill(self) -> DistillConfig:
+        """The student's settings: the search's best when tune ran, else the configured ones."""
+        if "tune" in self.outputs:
+            return load_config(self.outputs["tune"]["best_config"]).distill
+        return self.cfg.distill
+
+    @property
+    def baseline(self) -> DistillConfig:
+        """The same student with no teacher: what distillation is measured against."""
+        distill = self.distill
+        return distill.model_copy(update={"teacher_mode": "none",
+                                          "loss": distill.loss.model_copy(update={"objective": "none"})})
+
+    @property
+    def student(self) -> str:
+        return str(self.given_checkpoint) if self.given_checkpoint else self.outputs["distill"]["checkpoint"]
+
+    def child(self, name: str) -> RunLogger:
+        return self.run.child(name, {"vidkd.stage": name})
+
+
+# ------------------------------------------------------------------------------ the stages
+def _data_key(ctx: Context) -> Any:
+    return [ctx.cfg.data.root, ctx.cfg.data.synth.model_dump()]
+
+
+def _build_data(ctx: Context) -> dict:
     from core.synth import generate_dataset
 
-    cache.run("data", [cfg.data.root, cfg.data.synth.model_dump()],
-              lambda: {"manifest": str(generate_dataset(cfg.data.root, cfg.data.synth))}, check=_exists("manifest"))
+    return {"manifest": str(generate_dataset(ctx.cfg.data.root, ctx.cfg.data.synth))}
 
 
-def stage_teacher(cfg: VidkdConfig, cache: StageCache, records, parent: RunLogger) -> TeacherConfig:
-    """The demo's teacher: a frames-only table, then distill with no teacher on a larger model."""
-    if cfg.teacher_training is None:
-        return cfg.extract.teacher
+def _teacher_key(ctx: Context) -> Any:
+    """What the teacher's weights depend on: its frames-only table (the content key of the videos,
+    captions and splits) and the training settings, not how extraction was parallelised."""
+    from core.features import cache_key
+    from core.teachers import teacher_identity
+    from jobs.extract import manifest_rows
+
+    cfg = ctx.cfg
+    frames_only = teacher_identity(TeacherConfig(kind="none"))
+    frames_table = cache_key(manifest_rows(ctx.records), frames_only, cfg.extract.num_frames, cfg.extract.image_size)
+    return [frames_table, cfg.teacher_training.distill.model_dump()]
+
+
+def _build_teacher(ctx: Context) -> dict:
+    """A teacher trained here: a frames-only table, then a student of its own with no teacher,
+    on the larger model of `teacher_training.distill`."""
     from jobs.distill import run_distill
     from jobs.extract import run_extract
 
-    tcfg = cfg.teacher_training.distill
+    distill = ctx.cache.from_scratch("teacher", ctx.cfg.teacher_training.distill)
+    run = ctx.child("teacher")
+    with run.running():
+        table = run_extract(ctx.cfg, ctx.records, teacher=TeacherConfig(kind="none"), logger=run)
+        result = run_distill(ctx.cfg, table.table_dir, distill=distill, logger=run, name="teacher")
+    return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
 
-    def build() -> dict:
-        run = parent.child("teacher", {"vidkd.stage": "teacher"})
+
+def _build_extract(ctx: Context) -> dict:
+    """The teacher's feature table. Extraction addresses its own output (the table's content key:
+    videos, teacher weights, frame sampling) and reuses a committed table with that key."""
+    from jobs.extract import run_extract
+    from jobs.trainer import split_datasets
+
+    run = ctx.child("extract")
+    with run.running():
+        table = run_extract(ctx.cfg, ctx.records, teacher=ctx.teacher, logger=run)
+    ctx.extracted = table
+    if table.dataset is not None:  # the same job keeps the table in the object store
+        ctx.datasets = split_datasets(table.dataset, table.meta, ctx.cfg.distill.train_splits)
+    return {"table_dir": str(table.table_dir), "videos": table.num_videos, "failures": len(table.failures)}
+
+
+def _tune_key(ctx: Context) -> Any:
+    return [ctx.table_key, ctx.cfg.tune.model_dump(), ctx.cfg.distill.model_dump()]
+
+
+def _build_tune(ctx: Context) -> dict:
+    from jobs.tune import ranked_trials, run_tune
+
+    run = ctx.child("tune")
+    with run.running():
+        result = run_tune(ctx.cfg, ctx.table_dir, ctx.datasets, logger=run, teacher=ctx.teacher,
+                          restart=ctx.restart_tune or "tune" in ctx.cache.forced)
+    return {"best_config": str(result.config_path), "best_params": result.best_params,
+            "best_metric": result.best_metric, "ranked": ranked_trials(result.trials, list(ctx.cfg.tune.space))}
+
+
+def _train(name: str, settings: Callable[[Context], DistillConfig]) -> tuple[Callable, Callable]:
+    """The key and build of a stage that trains a student with `settings` on the table."""
+
+    def key(ctx: Context) -> Any:
+        return [ctx.table_key, settings(ctx).model_dump()]
+
+    def build(ctx: Context) -> dict:
+        from jobs.distill import run_distill
+
+        run = ctx.child(name)
         with run.running():
-            table = run_extract(cfg, records, teacher=TeacherConfig(kind="none"), logger=run)
-            result = run_distill(cfg, table.table_dir, distill=cache.fresh("teacher", tcfg), logger=run, name="teacher")
+            result = run_distill(ctx.cfg, ctx.table_dir, ctx.datasets, distill=ctx.cache.from_scratch("distill", settings(ctx)),
+                                 logger=run, name=name, teacher=ctx.teacher)
         return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
 
-    # What the teacher's weights depend on: its frames-only table (the content key of the videos,
-    # captions and splits) and the training settings, not how extraction was parallelised.
-    from core.features import cache_key
-    from jobs.extract import manifest_rows, teacher_identity
-
-    frames_only = teacher_identity(TeacherConfig(kind="none"))
-    frames_table = cache_key(manifest_rows(records), frames_only, cfg.extract.num_frames, cfg.extract.image_size)
-    key = [frames_table, tcfg.model_dump()]
-    outputs = cache.run("teacher", key, build, check=_exists("checkpoint"))
-    return TeacherConfig(kind="vidkd", path=outputs["checkpoint"])
+    return key, build
 
 
-def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
-    from jobs.distill import run_distill
-    from jobs.extract import run_extract
+def _quantize_key(ctx: Context) -> Any:
+    return [ctx.student, ctx.cfg.quantize.model_dump()]
+
+
+def _build_quantize(ctx: Context) -> dict:
     from jobs.quantize import run_quantize
-    from jobs.report import final_report
+
+    run = ctx.child("quantize")
+    with run.running():
+        result = run_quantize(ctx.cfg, ctx.student, ctx.table_dir, logger=run)
+    return {"output_dir": str(result.output_dir), "report": result.report, "report_text": result.report_text}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    key: Callable[[Context], Any] | None  # the content key of its output; None: the stage keys its own
+    build: Callable[[Context], dict]  # builds the output in a child MLflow run; JSON-able
+    check: Callable[[dict], bool] = lambda outputs: True  # does a recorded output still exist?
+    enabled: Callable[[VidkdConfig], bool] = lambda cfg: True
+    label: str | None = None  # its name in the cache and in MLflow, when not `name`
+    for_report: bool = False  # built only by the whole pipeline: the report is what reads it
+    replaced_by: tuple[str, ...] = ()  # Context fields that, given by the user, stand in for it
+
+
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage("data", _data_key, _build_data, _exists("manifest"), enabled=lambda cfg: cfg.data.synth is not None,
+          replaced_by=("given_table",)),
+    Stage("teacher", _teacher_key, _build_teacher, _exists("checkpoint"),
+          enabled=lambda cfg: cfg.teacher_training is not None, replaced_by=("given_table",)),
+    Stage("extract", None, _build_extract, replaced_by=("given_table",)),
+    Stage("tune", _tune_key, _build_tune, _exists("best_config"), enabled=lambda cfg: cfg.tune.enabled,
+          replaced_by=("given_checkpoint",)),
+    Stage("distill", *_train("distill", lambda ctx: ctx.distill), _exists("checkpoint"),
+          replaced_by=("given_checkpoint",)),
+    Stage("baseline", *_train("distill-no-teacher", lambda ctx: ctx.baseline), _exists("checkpoint"),
+          label="distill-no-teacher", for_report=True),
+    Stage("quantize", _quantize_key, _build_quantize, _exists("output_dir")),
+)
+STAGES = tuple(stage.name for stage in STAGE_TABLE)
+
+
+def run_stages(ctx: Context, until: str | None = None) -> Context:
+    """Build the stages in order, through the cache, up to and including `until` (all of them
+    when None). A stage the config disables is passed over unless it is `until` itself (`vidkd
+    tune` searches whatever `tune.enabled` says); one the user's `--table`/`--checkpoint` stands
+    in for is not built."""
     from jobs.runtime import init_ray
 
+    for stage in STAGE_TABLE:
+        given = any(getattr(ctx, field_name) is not None for field_name in stage.replaced_by)
+        wanted = stage.name == until or (stage.enabled(ctx.cfg) and not (stage.for_report and until is not None))
+        if wanted and not given:
+            if stage.name != "data":
+                init_ray(ctx.cfg.ray)
+            if stage.key is None:
+                ctx.outputs[stage.name] = stage.build(ctx)
+            else:
+                ctx.outputs[stage.name] = ctx.cache.run(stage.name, stage.key(ctx), lambda: stage.build(ctx),
+                                                        check=stage.check, label=stage.label)
+        if stage.name == until:
+            break
+    return ctx
+
+
+# ------------------------------------------------------------------------------ commands
+def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
+    from jobs.report import final_report
+
     start = time.perf_counter()
-    cache = StageCache(cfg, from_stage)
     parent = RunLogger.create("pipeline", cfg.tracking, tags={"vidkd.stage": "pipeline"}, output_dir=cfg.output_dir)
     with parent.running():
         parent.log_text(dump_config(cfg), "config.yaml")
         parent.log_params(pipeline_params(cfg))
-        stage_data(cfg, cache)
-        records = load_records(cfg)
-        init_ray(cfg.ray)
-        teacher = stage_teacher(cfg, cache, records, parent)
-
-        extract_run = parent.child("extract", {"vidkd.stage": "extract"})
-        with extract_run.running():
-            table = run_extract(cfg, records, teacher=teacher, logger=extract_run)
-        datasets = None
-        if table.dataset is not None:  # the same job keeps the table in the object store
-            from jobs.distill import split_datasets
-
-            datasets = split_datasets(table.dataset, table.meta, cfg.distill.train_splits)
-
-        distill_cfg = cfg.distill
-        if cfg.tune.enabled:
-            from jobs.tune import run_tune
-
-            def tune_build() -> dict:
-                run = parent.child("tune", {"vidkd.stage": "tune"})
-                with run.running():
-                    result = run_tune(cfg, table.table_dir, datasets, logger=run, teacher=teacher,
-                                      restart="tune" in cache.forced)
-                return {"best_config": str(result.config_path), "best_params": result.best_params}
-
-            tuned = cache.run("tune", [table.meta.cache_key, cfg.tune.model_dump(), cfg.distill.model_dump()],
-                              tune_build, check=_exists("best_config"))
-            from core.config import load_config
-
-            distill_cfg = load_config(tuned["best_config"]).distill
-
-        def train(name: str, dcfg: DistillConfig) -> Callable[[], dict]:
-            def build() -> dict:
-                run = parent.child(name, {"vidkd.stage": "distill"})
-                with run.running():
-                    result = run_distill(cfg, table.table_dir, datasets, distill=cache.fresh("distill", dcfg),
-                                         logger=run, name=name, teacher=teacher)
-                return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
-
-            return build
-
-        student = cache.run("distill", [table.meta.cache_key, distill_cfg.model_dump()], train("distill", distill_cfg),
-                            check=_exists("checkpoint"))
-        baseline_cfg = distill_cfg.model_copy(
-            update={"teacher_mode": "none", "loss": distill_cfg.loss.model_copy(update={"objective": "none"})})
-        baseline = cache.run("distill", [table.meta.cache_key, baseline_cfg.model_dump()],
-                             train("distill-no-teacher", baseline_cfg), check=_exists("checkpoint"),
-                             label="distill-no-teacher")
-
-        def quant_build() -> dict:
-            run = parent.child("quantize", {"vidkd.stage": "quantize"})
-            with run.running():
-                result = run_quantize(cfg, student["checkpoint"], table.table_dir, logger=run)
-            return {"output_dir": str(result.output_dir), "report": result.report}
-
-        quant = cache.run("quantize", [student["checkpoint"], cfg.quantize.model_dump()], quant_build,
-                          check=_exists("output_dir"))
-
-        summary = final_report(cfg, table.table_dir, teacher, student["checkpoint"], baseline["checkpoint"],
-                               quant["output_dir"], parent)
+        ctx = run_stages(Context(cfg, StageCache(cfg, from_stage), parent))
+        summary = final_report(cfg, ctx.table_dir, ctx.teacher, ctx.student, ctx.outputs["baseline"]["checkpoint"],
+                               ctx.outputs["quantize"]["output_dir"], parent)
         parent.log_metrics({"pipeline_wall_time_s": time.perf_counter() - start})
     print(summary["text"])
     print(f"\nMLflow: vidkd ui   (or: mlflow ui --backend-store-uri {parent.uri})")
@@ -181,40 +299,24 @@ def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
 
 
 def run_single_stage(stage: str, cfg: VidkdConfig, table: Path | None = None, restart: bool = False,
-                     checkpoint: Path | None = None) -> Any:
-    """`vidkd extract|distill|tune|quantize`: the stage with the table it needs (extracted, or
-    reused from the cache, unless `--table` names one), in its own MLflow run."""
-    from jobs.extract import run_extract
-    from jobs.runtime import init_ray
-
-    init_ray(cfg.ray)
+                     checkpoint: Path | None = None) -> dict:
+    """`vidkd extract|distill|tune|quantize`: the stages before it as cached (or what `--table` and
+    `--checkpoint` give instead), then the stage, in one MLflow run of the stage's name.
+    Returns the stage's outputs."""
     run = RunLogger.create(stage, cfg.tracking, tags={"vidkd.stage": stage}, output_dir=cfg.output_dir)
     with run.running():
         run.log_text(dump_config(cfg), "config.yaml")
-        teacher = cfg.extract.teacher
-        if table is None:
-            records = load_records(cfg)
-            # A config that trains its own teacher (the demo) reuses the pipeline's, or trains it.
-            teacher = stage_teacher(cfg, StageCache(cfg, None), records, run)
-            extracted = run_extract(cfg, records, teacher=teacher, logger=run if stage == "extract" else None)
-            table = extracted.table_dir
-            if stage == "extract":
-                print(f"feature table: {table} ({extracted.num_videos} videos, {len(extracted.failures)} failures)")
-                return extracted
-        if stage == "distill":
-            from jobs.distill import run_distill
-
-            result = run_distill(cfg, table, logger=run, teacher=teacher)
-            print(f"best student: {result.checkpoint} (val R@1 {result.metrics['val_t2v_R1']:.1f})")
-        elif stage == "tune":
-            from jobs.tune import ranked_trials, run_tune
-
-            result = run_tune(cfg, table, logger=run, restart=restart, teacher=teacher)
-            print(ranked_trials(result.trials, list(cfg.tune.space)))
-            print(f"best config: {result.config_path} (val R@1 {result.best_metric:.1f})")
-        elif stage == "quantize":
-            from jobs.quantize import run_quantize
-
-            result = run_quantize(cfg, checkpoint, table, logger=run)
-            print(result.report_text)
-        return result
+        ctx = Context(cfg, StageCache(cfg, "tune" if restart else None), run, given_table=table,
+                      given_checkpoint=checkpoint, restart_tune=restart)
+        run_stages(ctx, until=stage)
+    outputs = ctx.outputs.get(stage, {})
+    if stage == "extract":
+        print(f"feature table: {outputs['table_dir']} ({outputs['videos']} videos, {outputs['failures']} failures)")
+    elif stage == "distill":
+        print(f"best student: {outputs['checkpoint']} (val R@1 {outputs['metrics']['val_t2v_R1']:.1f})")
+    elif stage == "tune":
+        print(outputs.get("ranked", ""))
+        print(f"best config: {outputs['best_config']} (val R@1 {outputs.get('best_metric', float('nan')):.1f})")
+    elif stage == "quantize":
+        print(outputs.get("report_text", ""))
+    return outputs

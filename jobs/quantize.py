@@ -1,6 +1,6 @@
 """Stage 4 — quantize: GPTQ INT4 of the student's vision encoder, evaluated against full precision.
 
-    python -m jobs.quantize --checkpoint runs/models/distill-<run>.pt --config configs/demo.yaml
+    vidkd quantize --checkpoint runs/models/distill-<run>.pt --config configs/demo.yaml
 
 Calibration frames come from the feature table's train split; the full-precision, GPTQ and
 round-to-nearest students are evaluated on its test split, side by side.
@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.config import StudentConfig, VidkdConfig, digest
-from core.evaluation import evaluate_retrieval
-from core.features import FeatureBatch, TableMeta, arrow_to_columns, decode_batch, read_meta, read_table, stack_bytes
-from core.quant import load_quantized, quantize_visual, save_quantized, size_report
-from core.student import VideoTextStudent, build_student, load_student
+from core.config import VidkdConfig, digest
+from core.evaluation import evaluate_student
+from core.features import TableMeta, read_meta, read_table, stack_bytes, table_batches
+from core.quant import quantize_visual, save_quantized, size_report
+from core.student import VideoTextStudent, load_quantized_student, load_student, student_meta
 from core.video import normalize_frames
 from jobs.tracking import RunLogger
 
@@ -33,11 +33,6 @@ class QuantizeResult:
     output_dir: Path
     report: dict[str, Any]
     report_text: str
-
-
-def table_batches(table_dir: str | Path, meta: TableMeta, split: str, batch_size: int = 64) -> list[FeatureBatch]:
-    table = read_table(table_dir, split=split)
-    return [decode_batch(arrow_to_columns(table.slice(i, batch_size)), meta) for i in range(0, table.num_rows, batch_size)]
 
 
 def calibration_images(table_dir: str | Path, meta: TableMeta, student: VideoTextStudent, count: int,
@@ -61,27 +56,6 @@ def calibration_images(table_dir: str | Path, meta: TableMeta, student: VideoTex
                                                  mode="bilinear", antialias=True).clamp(0, 255).to(torch.uint8)
         images = images.permute(0, 2, 3, 1)
     return normalize_frames(images, student.mean, student.std)
-
-
-def student_meta(student: VideoTextStudent) -> dict[str, Any]:
-    return {"student": student.config.model_dump(mode="json"), "num_frames": student.num_frames,
-            "teacher_dim": student.teacher_dim}
-
-
-def build_student_skeleton(meta: dict[str, Any]) -> VideoTextStudent:
-    cfg = StudentConfig.model_validate({**meta["student"], "pretrained": None})
-    return build_student(cfg, meta["num_frames"], teacher_dim=meta["teacher_dim"])
-
-
-def load_quantized_student(out_dir: str | Path, device: str = "cpu") -> VideoTextStudent:
-    return load_quantized(out_dir, build_student_skeleton, device=device)
-
-
-def evaluate_student(model: VideoTextStudent, batches: list[FeatureBatch], device: str) -> dict[str, float]:
-    model.eval()
-    metrics = evaluate_retrieval(batches, lambda f, m: model.encode_video(f, m).video_emb, model.encode_text, device)
-    metrics["R_mean"] = (metrics["t2v_R1"] + metrics["t2v_R5"] + metrics["t2v_R10"]) / 3
-    return metrics
 
 
 def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path,
@@ -156,13 +130,3 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{m['v2t_R1']:>8.1f}")
     lines.append(f"R@1 drop with GPTQ: {metrics['fp32']['t2v_R1'] - metrics['gptq']['t2v_R1']:+.1f} points")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from jobs.cli import run_stage_main
-
-    run_stage_main("quantize", argv)
-
-
-if __name__ == "__main__":
-    main()

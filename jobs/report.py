@@ -10,13 +10,12 @@ from typing import Any, Callable
 import torch
 
 from core.config import TeacherConfig, VidkdConfig
-from core.evaluation import embed, evaluate_teacher_table
-from core.features import FeatureBatch, read_meta
+from core.evaluation import embed, evaluate_student, evaluate_teacher_table
+from core.features import FeatureBatch, read_meta, table_batches
 from core.metrics import retrieval_metrics
-from core.student import load_student
+from core.student import load_quantized_student, load_student
 from core.teachers import build_teacher
 from jobs.plots import similarity_heatmap
-from jobs.quantize import evaluate_student, load_quantized_student, table_batches
 from jobs.tracking import RunLogger
 
 

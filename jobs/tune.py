@@ -1,6 +1,6 @@
 """Stage 3 — tune: search distillation temperatures and loss weights with Ray Tune.
 
-    python -m jobs.tune --config configs/demo.yaml [--resume]
+    vidkd tune --config configs/demo.yaml [--restart]
 
 Every trial is a distill run on the one feature table (no trial re-extracts): a plain function
 trainable running the training loop for single-worker trials, or a driver function launching a
@@ -285,13 +285,3 @@ def _close_trial_runs(parent: RunLogger, trials: list[dict], max_epochs: int) ->
         run = parent.find_child(f"trial-{trial['trial_id']}")
         if run:
             run.end("FAILED" if trial["failed"] else "FINISHED" if trial["epochs"] >= max_epochs else "KILLED")
-
-
-def main(argv: list[str] | None = None) -> None:
-    from jobs.cli import run_stage_main
-
-    run_stage_main("tune", argv)
-
-
-if __name__ == "__main__":
-    main()

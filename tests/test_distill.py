@@ -18,7 +18,7 @@ from core.training import cached_teacher, online_teacher, warmup_cosine
 from jobs.distill import check_table, run_distill, training_name
 from jobs.extract import run_extract
 from jobs.trainer import STATE_FILE, shuffled_blocks, split_datasets, train_videos
-from jobs.quantize import table_batches
+from core.features import table_batches
 from jobs.tracking import RunLogger
 from tests.conftest import tiny_config
 

@@ -17,7 +17,7 @@ import torch
 from transformers import BertTokenizer
 
 from core.config import TeacherConfig
-from core.teachers import build_teacher
+from core.teachers import build_teacher, teacher_identity
 from core.teachers.internvideo2_model import (VARIANTS, checkpoint_shapes, load_stage2, read_state_dict,
                                               stage2_from_state_dict)
 from tests.test_teachers import check_protocol, random_frames
@@ -140,6 +140,17 @@ def test_builtin_teacher_follows_the_protocol(micro_files):
     identity = teacher.identity()
     assert identity["kind"] == "internvideo2" and identity["name"] == "stage2-micro"
     assert identity == micro_teacher(micro_files).identity()
+
+
+def test_the_cache_key_knows_the_checkpoint_and_tokenizer_as_the_teacher_does(micro_files, reference, tmp_path):
+    """Extraction keys its table by `teacher_identity(cfg)` without loading the teacher: for a
+    built-in teacher it is the loaded teacher's own identity, tokenizer included."""
+    checkpoint, tokenizer = micro_files
+    cfg = TeacherConfig(kind="internvideo2", variant="stage2-micro", checkpoint=str(checkpoint),
+                        tokenizer=str(tokenizer))
+    assert teacher_identity(cfg) == micro_teacher(micro_files).identity()
+    other = write_tokenizer(tmp_path / "tok", reference["vocab"] + ["extra"])
+    assert teacher_identity(cfg.model_copy(update={"tokenizer": str(other)})) != teacher_identity(cfg)
 
 
 def test_identity_follows_weights_and_tokenizer(reference, micro_files, tmp_path):

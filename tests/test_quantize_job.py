@@ -11,7 +11,9 @@ from core.features import read_meta, read_table
 from core.quant import read_quantize_config
 from core.student import load_student
 from core.video import normalize_frames
-from jobs.quantize import calibration_images, load_quantized_student, run_quantize, table_batches
+from core.features import table_batches
+from core.student import load_quantized_student
+from jobs.quantize import calibration_images, run_quantize
 from jobs.tracking import RunLogger
 
 

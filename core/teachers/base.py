@@ -212,6 +212,12 @@ def same_windows(a: FrameWindows, b: FrameWindows) -> bool:
 
 
 # ------------------------------------------------------------------------------------ hashing
+def hash_weights_and_tokenizer(weights: str | Path, tokenizer: str | Path) -> str:
+    """One sha256 of a checkpoint and the tokenizer directory it is used with: the tokenizer
+    decides the text embeddings as much as the weights do."""
+    return hashlib.sha256(f"{hash_files(weights)}\0{hash_files(tokenizer)}".encode()).hexdigest()
+
+
 def hash_files(path: str | Path) -> str:
     """sha256 of a checkpoint file, or of a directory's files (relative names and file hashes).
 

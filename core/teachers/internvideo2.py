@@ -27,7 +27,6 @@ Frames are normalised with ImageNet's mean/std, as every InternVideo2 pipeline d
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,8 @@ from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
 
 from core.config import TeacherConfig
-from core.teachers.base import (DTYPES, Teacher, check_texts, check_video_batch, hash_files, l2_normalize,
-                                sample_clip, scatter_real_frames)
+from core.teachers.base import (DTYPES, Teacher, check_texts, check_video_batch, hash_weights_and_tokenizer,
+                                l2_normalize, sample_clip, scatter_real_frames)
 from core.teachers.internvideo2_model import load_stage2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,8 +110,7 @@ class InternVideo2Teacher(Teacher):
     def identity(self) -> dict[str, Any]:
         # The tokenizer decides the text embeddings as much as the weights do.
         if self._weights_sha256 is None and self.tokenizer_path is not None:
-            parts = f"{hash_files(self.weights_path)}\0{hash_files(self.tokenizer_path)}"
-            self._weights_sha256 = hashlib.sha256(parts.encode()).hexdigest()
+            self._weights_sha256 = hash_weights_and_tokenizer(self.weights_path, self.tokenizer_path)
         return super().identity()
 
     @torch.no_grad()
