@@ -135,13 +135,31 @@ def stop_head(head: Head, grace_s: float = 10.0) -> None:
     processes = head.processes()
     for proc in processes:
         _signal(proc, signal.SIGTERM)
-    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    alive = _wait_gone(processes, grace_s)
     # and whatever the head started while it was shutting down
     alive = list({proc.pid: proc for proc in alive + head.processes()}.values())
     for proc in alive:
         _signal(proc, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=10)
+    _wait_gone(alive, 10)
     _forget_address(head.gcs_address)
+
+
+def _wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """The processes still alive after up to `timeout` s. A zombie counts as gone: where no init
+    reaps orphans (a container without one) it stays a zombie however long one waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [proc for proc in processes if _alive(proc)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def find_head(port: int, address: str = "") -> Head:

@@ -87,6 +87,43 @@ def test_ui_stops_its_server_on_sigterm(tracking_dir):
         ui.wait(timeout=30)
 
 
+def test_stop_head_ends_what_names_the_head_and_its_descendants(tmp_path):
+    """Without Ray: stand-ins for a head's processes (one names its session dir, one its node id,
+    a child that ignores SIGTERM) and for another head's, whose session dir has ours as a prefix."""
+    stubborn_child = ("import signal, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                      "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); "
+                      "time.sleep(600)")
+    session = f"{tmp_path}/session_2026-01-01_00-00-00_000000_1"
+    ours, theirs = "ab" * 28, "cd" * 28
+
+    def start(*args: str) -> psutil.Process:
+        return psutil.Process(subprocess.Popen([sys.executable, "-c", stubborn_child, *args]).pid)
+
+    started = [start(f"--session-dir={session}"), start(f"--log_dir={session}/logs"), start(f"--node-id={ours}"),
+               start(f"--session-dir={session}0", f"--node-id={theirs}")]
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 30
+        while sum(len(p.children()) for p in started) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        children = [child for p in started for child in p.children()]
+        head = local.Head(port=1, address="", gcs_address="127.0.0.1:1", session_dir=session, node_id=ours)
+        assert {p.pid for p in head.processes()} == {p.pid for p in started[:3] + children[:3]}
+
+        local.stop_head(head, grace_s=1)
+        for proc in started[:3]:
+            assert proc.wait(timeout=5) is not None  # our children: the exit status
+        assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children[:3])
+        assert started[3].is_running() and children[3].is_running()
+    finally:
+        for proc in started + children:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(started, timeout=10)
+
+
 @pytest.mark.own_ray_cluster
 def test_cluster_down_stops_only_its_own_head():
     """`vidkd cluster up` and `down` beside an unrelated Ray head (another user's job, another test
@@ -124,6 +161,7 @@ def test_cluster_down_stops_only_its_own_head():
                               text=True)
         assert down.returncode == 0 and f"stopped the Ray head on port {port}" in down.stdout, down.stderr[-3000:]
         _, alive = psutil.wait_procs(own_processes, timeout=5)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # no init reaps them in some containers
         assert not alive, f"left running: {alive}"
         assert not answers(f"http://127.0.0.1:{dashboard}/api/version") and local.recorded_heads() == []
 
