@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 
-.PHONY: demo test install chromium ui clean
+.PHONY: demo test test-fast install chromium ui clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q
+
+# The fast tier: no Ray instance, no browser, no end-to-end pipeline (a few minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not ray and not browser"
 
 ui: $(STAMP)
 	$(VENV)/bin/vidkd ui

@@ -1,15 +1,187 @@
-"""`vidkd cluster`, `vidkd submit`, `vidkd jobs` and `vidkd ui`."""
+"""The `vidkd` command line, in one entry module: the datasets, the stages (jobs/), the cluster,
+job submission and the MLflow UI (cluster/). Nothing below imports it."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cluster import local, submit as jobsub
+from cluster import local
+from core.config import ConfigError, SynthConfig, VidkdConfig, load_config
+from jobs.inputs import check_inputs
 
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress video-text retrieval models on Ray.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic set, inspect a manifest.")
+app.add_typer(data_app, name="data")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML preset, e.g. configs/demo.yaml")
+SetOpt = typer.Option(None, "--set", help="Override a setting: section.key=value (repeatable)")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also show the libraries' INFO lines, Ray Data's "
+                          "execution plans and ffmpeg's decoder errors")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _load(config: Optional[Path], overrides: Optional[list[str]]) -> VidkdConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as error:
+        _fail(str(error))
+
+
+def _setup_logging(verbose: bool) -> None:
+    from jobs.runtime import log_level, set_verbose
+
+    set_verbose(verbose)
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("mlflow").setLevel(log_level())  # its own handler: "Creating initial MLflow database tables"
+
+
+def _prepare(stage: str, config: Optional[Path], overrides: Optional[list[str]], verbose: bool,
+             table: Optional[Path] = None, checkpoint: Optional[Path] = None) -> VidkdConfig:
+    """Where every stage command starts: logging, the config, then every file the run will read,
+    so that a mistake ends in one line and exit status 2 before Ray or MLflow start."""
+    _setup_logging(verbose)
+    cfg = _load(config, overrides)
+    try:
+        warnings = check_inputs(cfg, stage, table=table, checkpoint=checkpoint)
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+    for warning in warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ data
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Folder for the mp4 files and manifest.jsonl"),
+    videos: int = typer.Option(200, "--videos"),
+    seed: int = typer.Option(0, "--seed"),
+    fps: int = typer.Option(8, "--fps"),
+    width: int = typer.Option(96, "--width"),
+    height: int = typer.Option(64, "--height"),
+    min_seconds: float = typer.Option(1.0, "--min-seconds"),
+    max_seconds: float = typer.Option(4.0, "--max-seconds"),
+    val_fraction: float = typer.Option(0.15, "--val-fraction"),
+    test_fraction: float = typer.Option(0.15, "--test-fraction"),
+    pool_fraction: float = typer.Option(0.0, "--pool-fraction", help="Clips only a teacher trains on (split pool)"),
+) -> None:
+    """Generate the synthetic driving-scene dataset (real H.264 mp4 files + manifest)."""
+    from core.config import config_from_dict
+    from core.synth import generate_dataset
+
+    try:
+        cfg = config_from_dict(
+            dict(videos=videos, seed=seed, fps=fps, width=width, height=height, min_seconds=min_seconds,
+                 max_seconds=max_seconds, val_fraction=val_fraction, test_fraction=test_fraction,
+                 pool_fraction=pool_fraction),
+            SynthConfig,
+        )
+    except ConfigError as error:
+        _fail(str(error))
+    manifest = generate_dataset(out, cfg)
+    typer.echo(f"wrote {videos} videos and {manifest}")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    manifest: Path = typer.Argument(..., help="A manifest (JSONL or CSV)"),
+    sheet: Optional[Path] = typer.Option(None, "--sheet", help="Contact-sheet PNG (default: beside the manifest)"),
+    frames: int = typer.Option(8, "--frames"),
+    rows: int = typer.Option(6, "--rows"),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Counts per split, durations, caption examples and a contact sheet of sampled frames."""
+    from core.video import set_decoder_logging
+    from jobs.inspect import inspect_manifest
+
+    set_decoder_logging(verbose)
+    try:
+        report = inspect_manifest(manifest, sheet or manifest.parent / "contact_sheet.png", frames, rows)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    typer.echo(report)
+
+
+# ---------------------------------------------------------------------------------- stages
+@app.command()
+def extract(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, verbose: bool = VerboseOpt) -> None:
+    """Stage 1: decode videos and extract teacher features into the feature table."""
+    from jobs.pipeline import run_single_stage
+
+    run_single_stage("extract", _prepare("extract", config, set_, verbose))
+
+
+@app.command()
+def distill(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    table: Optional[Path] = typer.Option(None, "--table", help="An existing feature table directory"),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Stage 2: distill the student from the feature table with Ray Train."""
+    from jobs.pipeline import run_single_stage
+
+    run_single_stage("distill", _prepare("distill", config, set_, verbose, table=table), table=table)
+
+
+@app.command()
+def tune(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    table: Optional[Path] = typer.Option(None, "--table"),
+    restart: bool = typer.Option(False, "--restart", help="Start anew instead of continuing this config's search"),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Stage 3: search temperatures and loss weights with Ray Tune."""
+    from jobs.pipeline import run_single_stage
+
+    run_single_stage("tune", _prepare("tune", config, set_, verbose, table=table), table=table, restart=restart)
+
+
+@app.command()
+def quantize(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A student checkpoint written by distill "
+                                              "(default: the distill stage's, built or cached)"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    table: Optional[Path] = typer.Option(None, "--table"),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Stage 4: GPTQ INT4 of the student's vision encoder, evaluated against full precision."""
+    from jobs.pipeline import run_single_stage
+
+    cfg = _prepare("quantize", config, set_, verbose, table=table, checkpoint=checkpoint)
+    run_single_stage("quantize", cfg, table=table, checkpoint=checkpoint)
+
+
+@app.command()
+def pipeline(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    from_: Optional[str] = typer.Option(None, "--from", help="Re-run from this stage: data, teacher, extract, "
+                                        "tune, distill, quantize. Trainings from it start from scratch; extract "
+                                        "still reuses a committed feature table with the same content key (it "
+                                        "would be the same table)"),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """The whole workflow: data -> teacher -> extract -> tune -> distill -> quantize -> report."""
+    from jobs.pipeline import STAGES, run_pipeline
+
+    if from_ and from_ not in STAGES:
+        _fail(f"--from {from_}: expected one of {', '.join(STAGES)}")
+    run_pipeline(_prepare("pipeline", config, set_, verbose), from_stage=from_)
+
+
+# ------------------------------------------------------------------------- cluster and jobs
 DEFAULT_ADDRESS = os.environ.get("RAY_API_SERVER_ADDRESS") or f"http://127.0.0.1:{local.DEFAULT_DASHBOARD_PORT}"
 AddressOpt = typer.Option(DEFAULT_ADDRESS, "--address", help="The cluster's dashboard / job API, http://HOST:8265")
 
@@ -61,6 +233,7 @@ def submit_cmd(
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream the job's logs until it ends"),
 ) -> None:
     """Submit a stage or the whole pipeline as a Ray job, with this project as its working dir."""
+    from cluster import submit as jobsub
     try:
         for line in jobsub.job_local_outputs(str(config) if config else None, set_ or [], tracking_uri):
             typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
@@ -77,17 +250,23 @@ def submit_cmd(
 
 @jobs_app.command("list")
 def jobs_list(address: str = AddressOpt) -> None:
+    from cluster import submit as jobsub
+
     for job in jobsub.list_jobs(address):
         typer.echo(f"{job['id']}  {job['status']:<10} {job['entrypoint']}")
 
 
 @jobs_app.command("status")
 def jobs_status(job_id: str, address: str = AddressOpt) -> None:
+    from cluster import submit as jobsub
+
     typer.echo(jobsub.status(address, job_id))
 
 
 @jobs_app.command("logs")
 def jobs_logs(job_id: str, address: str = AddressOpt, follow: bool = typer.Option(False, "--follow", "-f")) -> None:
+    from cluster import submit as jobsub
+
     if not follow:
         typer.echo(jobsub.logs(address, job_id))
         return
@@ -97,6 +276,8 @@ def jobs_logs(job_id: str, address: str = AddressOpt, follow: bool = typer.Optio
 
 @jobs_app.command("stop")
 def jobs_stop(job_id: str, address: str = AddressOpt) -> None:
+    from cluster import submit as jobsub
+
     typer.echo("stopped" if jobsub.stop(address, job_id) else "already finished")
 
 
@@ -116,9 +297,15 @@ def ui(
         finally:
             local.stop_process_group(process)
 
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(jobs_app, name="jobs")
+app.command("submit")(submit_cmd)
+app.command("ui")(ui)
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(cluster_app, name="cluster")
-    app.add_typer(jobs_app, name="jobs")
-    app.command("submit")(submit_cmd)
-    app.command("ui")(ui)
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,6 @@ from typing import Iterator
 
 import psutil
 
-from jobs.tracking import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND, default_artifact_root, tracking_uri
 
 DEFAULT_DASHBOARD_PORT = 8265
 
@@ -106,7 +105,7 @@ def cluster_up(num_cpus: int | None = None, num_gpus: int | None = None, host: s
         command.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         command.append(f"--num-gpus={num_gpus}")
-    # Jobs on this head run `python -m jobs.cli ...`: the `python` on its PATH must be this
+    # Jobs on this head run `python -m cluster.cli ...`: the `python` on its PATH must be this
     # environment's, also when `vidkd` was called by path with the venv not activated.
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     subprocess.run(command, check=True, env=env)
@@ -222,6 +221,8 @@ def wait_for_http(url: str, timeout: float = 60.0) -> None:
 def mlflow_server_command(output_dir: str = "runs", host: str = "127.0.0.1", port: int = 5000,
                           backend_uri: str | None = None) -> list[str]:
     """`mlflow server` over the SQLite store and artifacts the stages write by default."""
+    from jobs.tracking import default_artifact_root, tracking_uri  # MLflow's import: only the UI pays it
+
     backend = backend_uri or tracking_uri(None, output_dir)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
             "--default-artifact-root", default_artifact_root(output_dir), "--host", host, "--port", str(port),
@@ -286,6 +287,8 @@ def mlflow_ui_url(host: str, port: int) -> str:
     `workflowType` switch, which MLflow 3.17 reads before the experiment's kind tag and which
     otherwise starts on the GenAI side). With several experiments, their list."""
     from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND
 
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     ours = MlflowClient(base).search_experiments(

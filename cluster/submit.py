@@ -42,7 +42,7 @@ def client(address: str) -> JobSubmissionClient:
 def entrypoint(stage: str, config: str | None, overrides: list[str], extra: list[str]) -> str:
     if stage not in STAGE_COMMANDS:
         raise ValueError(f"unknown stage {stage!r}: expected one of {', '.join(sorted(STAGE_COMMANDS))}")
-    parts = ["python", "-m", "jobs.cli", stage]
+    parts = ["python", "-m", "cluster.cli", stage]
     if config:
         parts += ["--config", config]
     for item in overrides:

@@ -126,7 +126,11 @@ def own_ray_heads(request, tmp_path_factory, monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `own_ray_cluster` start a Ray head of their own and stop only that one. They run
-    last, when the session's local instance is no longer needed: a head beside it would share the
-    machine's few CPUs with it."""
+    """Every test that uses the session's Ray instance, or a head of its own, is marked `ray`
+    (`make test-fast` leaves them out). Tests marked `own_ray_cluster` start a Ray head of their
+    own and stop only that one. They run last, when the session's local instance is no longer
+    needed: a head beside it would share the machine's few CPUs with it."""
+    for item in items:
+        if "ray_local" in item.fixturenames or item.get_closest_marker("own_ray_cluster"):
+            item.add_marker(pytest.mark.ray)
     items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is not None)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def vidkd(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
 
 
@@ -133,7 +133,8 @@ CASES = ["non-UTF-8 bytes", "a directory as the manifest", "a directory as every
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_and_exit_2_before_anything_starts(case, tmp_path, monkeypatch):
     """Checked before Ray or MLflow: no stage runs, and the command leaves nothing behind."""
-    from jobs import cli, pipeline
+    from cluster import cli
+    from jobs import pipeline
 
     args, message = bad_inputs(tmp_path)[case]
     assert sorted(bad_inputs(tmp_path / "all")) == sorted(CASES)
@@ -162,7 +163,7 @@ def test_a_bad_manifest_ends_the_real_command_before_ray_starts(tmp_path):
     ray_tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "pipeline", "--config", str(ROOT / "configs/demo.yaml"),
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "pipeline", "--config", str(ROOT / "configs/demo.yaml"),
                            "--set", "data.synth=null", "--set", f"data.manifest={manifest}"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 2
@@ -174,7 +175,8 @@ def test_a_bad_manifest_ends_the_real_command_before_ray_starts(tmp_path):
 
 def test_videos_missing_among_others_are_one_warning_and_the_stage_runs(tmp_path, monkeypatch):
     """The stage runs with the checked config; `--verbose` reaches the workers through the environment."""
-    from jobs import cli, pipeline
+    from cluster import cli
+    from jobs import pipeline
     from jobs.runtime import VERBOSE_ENV
 
     (tmp_path / "v1.mp4").write_bytes(b"\0" * 64)

@@ -21,7 +21,7 @@ from jobs.tracking import RunLogger
 from tests.conftest import page_text
 
 ROOT = Path(__file__).resolve().parent.parent
-VIDKD = [sys.executable, "-m", "jobs.cli"]
+VIDKD = [sys.executable, "-m", "cluster.cli"]
 
 
 def free_port() -> int:
@@ -51,6 +51,7 @@ def read_until(stream, pattern: str, timeout: float) -> re.Match:
     raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(seen)}")
 
 
+@pytest.mark.browser
 def test_ui_stops_its_server_on_sigterm(tracking_dir):
     """SIGTERM to `vidkd ui` (what a process manager or `kill` sends) ends the mlflow server it
     started, uvicorn included; the URL it prints opens our experiment's runs table."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +15,7 @@ import pytest
 import yaml
 
 from jobs.pipeline import run_pipeline
-from tests.conftest import tiny_config
+from tests.conftest import page_text, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +78,7 @@ def test_mlflow_server_shows_the_run_tree(pipeline_run):
     then the experiment page in headless Chromium."""
     tmp, cfg, _, _ = pipeline_run
     port = free_port()
-    from cluster.local import start_mlflow_server
+    from cluster.local import start_mlflow_server, stop_process_group
 
     server = start_mlflow_server(str(tmp / "runs"), port=port)
     try:
@@ -94,23 +92,14 @@ def test_mlflow_server_shows_the_run_tree(pipeline_run):
         children = {names[i] for i, r in by_id.items() if tag(r, "mlflow.parentRunId") == parents[-1]["info"]["run_id"]}
         assert {"teacher", "extract", "distill", "distill-no-teacher", "quantize"} <= children
 
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
+        text = page_text(f"{base}/#/experiments/{experiment['experiment_id']}/runs", tmp / "chromium")
+        if text is None:
             pytest.skip("chromium is not installed (make test installs it)")
-        page = f"{base}/#/experiments/{experiment['experiment_id']}/runs"
-        dom = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp / 'chromium'}", "--virtual-time-budget=15000", "--dump-dom", page],
-            capture_output=True, text=True, timeout=120,
-        ).stdout
-        text = " ".join(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S)).split())
         # The runs table lists the parent runs (children fold under them) and counts every run.
         assert "Training runs" in text and "pipeline" in text, text[:2000]
         assert f"{len(runs)} matching runs" in text, text[:2000]
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process_group(server)
 
 
 @pytest.mark.own_ray_cluster
@@ -118,7 +107,7 @@ def test_submit_pipeline_to_a_local_head(tmp_path):
     """`vidkd cluster up`, `vidkd submit pipeline`, wait, read the logs, `vidkd cluster down`."""
     import ray
 
-    ray.shutdown()  # the session's local instance: `cluster down` would end it under our feet
+    ray.shutdown()  # the session's local instance: its CPUs go to the head this test starts
     raw = pipeline_raw(tmp_path)
     raw["ray"] = {"address": None, "num_cpus": None}
     # A lighter pipeline than the one above (that one covers teacher training): a ready-made teacher.
@@ -129,7 +118,7 @@ def test_submit_pipeline_to_a_local_head(tmp_path):
     config.write_text(yaml.safe_dump(raw))
     dashboard = free_port()
     env = {**os.environ, "RAY_ADDRESS": ""}
-    vidkd = [sys.executable, "-m", "jobs.cli"]
+    vidkd = [sys.executable, "-m", "cluster.cli"]
     subprocess.run(vidkd + ["cluster", "up", "--num-cpus", "4", "--dashboard-port", str(dashboard),
                             "--port", str(free_port())], check=True, cwd=ROOT, env=env, timeout=180)
     try:

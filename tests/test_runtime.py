@@ -25,10 +25,11 @@ ray.shutdown()
 """
 
 
+@pytest.mark.ray
 def test_no_address_starts_a_local_instance_even_when_a_head_is_recorded():
     """`ray start` records its head in <ray temp>/ray_current_cluster, and a bare ray.init() joins
     it, where num_cpus is refused. Without an address a stage must start its own instance with the
-    CPUs it was configured for, whatever else runs on the machine (CI once failed exactly so)."""
+    CPUs it was configured for, whatever else runs on the machine."""
     # Ray's socket paths are long: a short temporary directory keeps them under the Unix limit.
     with tempfile.TemporaryDirectory(prefix="vk", dir="/tmp") as short:
         (Path(short) / "ray").mkdir()
@@ -56,6 +57,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("verbose", [False, True])
 def test_the_driver_prints_its_lines_once_and_ray_data_quietly_unless_verbose(verbose):
     """Ray's logging config adds a second handler to the driver's root logger; Ray Data prints a
