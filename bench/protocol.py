@@ -88,7 +88,7 @@ class Protocol:
             run = self.parent.child(name, {"vidkd.stage": "distill", **(tags or {})})
             start = time.perf_counter()
             with run.running():
-                result = run_distill(self.cfg, setup.table_dir, setup.datasets, distill=distill, logger=run,
+                result = run_distill(self.cfg, setup.table_dir, setup.datasets, distill=distill, run=run,
                                      name=name, teacher=setup.teacher)
             return {"checkpoint": str(result.checkpoint), "val": result.metrics,
                     "train_s": time.perf_counter() - start, "run_id": result.run_id}

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from core.config import DistillConfig, VidkdConfig, load_config
+from core.config import DistillConfig, load_config
 from protocol import Protocol, TeacherSetup, fmt, mean_std
 
 SWAP_KEYS = ("teacher_b", "a_settings", "calibrated", "tune")
@@ -110,13 +110,13 @@ def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overri
 
         searches, wall = {}, {}
         for scheduler in ("asha", "fifo"):
-            tcfg = search_cfg.tune.model_copy(update={"scheduler": scheduler,
+            tune_cfg = search_cfg.tune.model_copy(update={"scheduler": scheduler,
                                                       "storage_dir": f"{search_cfg.tune.storage_dir}/{scheduler}"})
             run = parent.child(f"tune-{scheduler}", {"vidkd.stage": "tune"})
             start = time.perf_counter()
             with run.running():
-                searches[scheduler] = run_tune(search_cfg.model_copy(update={"tune": tcfg}), teachers["B"].table_dir,
-                                               teachers["B"].datasets, logger=run, teacher=teachers["B"].teacher)
+                searches[scheduler] = run_tune(search_cfg.model_copy(update={"tune": tune_cfg}), teachers["B"].table_dir,
+                                               teachers["B"].datasets, run=run, teacher=teachers["B"].teacher)
             wall[scheduler] = time.perf_counter() - start
         tuned = searches["asha"].best_config.distill
 
@@ -199,9 +199,9 @@ def format_report(summary: dict[str, Any]) -> str:
                        if r["row"] == label and r["seed"] == s), "") for s in seeds]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    search, tcfg = summary["search"], summary["tune"]
-    lines += ["", f"Searches on teacher B (val only; {tcfg['num_samples']} trials, at most {tcfg['max_epochs']} epochs, "
-              f"ASHA grace {tcfg['grace_period']}, reduction factor {tcfg['reduction_factor']}):", "",
+    search, tune_cfg = summary["search"], summary["tune"]
+    lines += ["", f"Searches on teacher B (val only; {tune_cfg['num_samples']} trials, at most {tune_cfg['max_epochs']} epochs, "
+              f"ASHA grace {tune_cfg['grace_period']}, reduction factor {tune_cfg['reduction_factor']}):", "",
               "| scheduler | trial-epochs | best val R@1 | wall (s) |", "|---|---|---|---|"]
     for name, s in search.items():
         lines.append(f"| {name} | {s['trial_epochs']} | {s['best_val_R1']:.1f} | {s['wall_s']:.0f} |")

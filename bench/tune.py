@@ -43,13 +43,13 @@ def main() -> None:
         rows = {}
         with tempfile.TemporaryDirectory() as storage:
             for scheduler in ("asha", "fifo"):
-                tcfg = cfg.tune.model_copy(update={"scheduler": scheduler, "num_samples": args.samples,
+                tune_cfg = cfg.tune.model_copy(update={"scheduler": scheduler, "num_samples": args.samples,
                                                    "max_epochs": args.epochs, "max_concurrent": args.concurrent,
                                                    "storage_dir": f"{storage}/{scheduler}"})
                 start = time.perf_counter()
                 child = run.child(f"tune-{scheduler}", {"vidkd.stage": "tune"})
                 with child.running():
-                    result = run_tune(cfg.model_copy(update={"tune": tcfg}), table_dir, logger=child)
+                    result = run_tune(cfg.model_copy(update={"tune": tune_cfg}), table_dir, run=child)
                 startups = [t["startup_s"] for t in result.trials if "startup_s" in t]
                 rows[scheduler] = (result, time.perf_counter() - start, statistics.median(startups))
 

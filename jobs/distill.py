@@ -69,15 +69,15 @@ def check_table(meta: TableMeta, distill: DistillConfig, table_dir: str | Path) 
                          "or val rows in the manifest)")
 
 
-def log_calibration(calibration: Calibration, logger: RunLogger | None) -> None:
+def log_calibration(calibration: Calibration, run: RunLogger | None) -> None:
     """One line saying what `auto` chose, and the same values as the run's params."""
     log.warning("distill: calibrated on %d teacher videos: tau_video %.4g (target entropy %.3f; the published "
                 "%g gives %.3f), tau_frame %.4g (entropy %.3f; the published %g gives %.3f)",
                 calibration.videos, calibration.tau_video, calibration.video_entropy, PUBLISHED_TAU_VIDEO,
                 calibration.published_video_entropy, calibration.tau_frame, calibration.frame_entropy,
                 PUBLISHED_TAU_FRAME, calibration.published_frame_entropy)
-    if logger:
-        logger.log_params(calibration.params())
+    if run:
+        run.log_params(calibration.params())
 
 
 def run_distill(
@@ -85,7 +85,7 @@ def run_distill(
     table_dir: str | Path,
     datasets: dict[str, Any] | None = None,
     distill: DistillConfig | None = None,
-    logger: RunLogger | None = None,
+    run: RunLogger | None = None,
     name: str = "distill",
     teacher: TeacherConfig | None = None,
     fail_after: list[tuple[int, str]] | None = None,
@@ -98,27 +98,27 @@ def run_distill(
     check_table(meta, distill, table_dir)
     distill, calibration = resolve_temperatures(distill, table_dir, teacher)
     if calibration:
-        log_calibration(calibration, logger)
+        log_calibration(calibration, run)
     datasets = datasets or split_datasets(table_dir, meta, distill.train_splits)
     storage = storage_path(distill.storage_dir)
-    run_name = training_name(name, meta, distill, teacher, logger.run_id if logger else str(int(time.time())))
-    if logger:
-        logger.log_params({"distill": distill.model_dump(mode="json"), "feature_table": str(table_dir),
+    run_name = training_name(name, meta, distill, teacher, run.run_id if run else str(int(time.time())))
+    if run:
+        run.log_params({"distill": distill.model_dump(mode="json"), "feature_table": str(table_dir),
                            "train_run": run_path(storage, run_name)})
-    spec = LoopSpec.for_run(distill, meta, teacher, logger, fail_after)
+    spec = LoopSpec.for_run(distill, meta, teacher, run, fail_after)
     trainer = make_trainer(spec, datasets, run_name, storage)
     result = trainer.fit()
     best = result.get_best_checkpoint(TARGET_METRIC, "max") or result.checkpoint
     out_dir = Path(cfg.output_dir).resolve() / "models"
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{name}-{logger.run_id if logger else meta.cache_key}.pt"
+    target = out_dir / f"{name}-{run.run_id if run else meta.cache_key}.pt"
     with best.as_directory() as directory:
         target.write_bytes((Path(directory) / CHECKPOINT_FILE).read_bytes())
     with result.checkpoint.as_directory() as directory:  # the latest holds the whole history
         history = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)["history"]
     best_metrics = max(history, key=lambda m: m[TARGET_METRIC])
-    if logger:
-        logger.log_artifact(target, "model")
-        logger.log_metrics({f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")})
-        logger.set_tags({"best_checkpoint": str(target), "best_epoch": best_metrics["epoch"]})
-    return DistillResult(target, best_metrics, history, logger.run_id if logger else None)
+    if run:
+        run.log_artifact(target, "model")
+        run.log_metrics({f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")})
+        run.set_tags({"best_checkpoint": str(target), "best_epoch": best_metrics["epoch"]})
+    return DistillResult(target, best_metrics, history, run.run_id if run else None)

@@ -193,7 +193,7 @@ def run_extract(
     cfg: VidkdConfig,
     records: list[VideoRecord] | None = None,
     teacher: TeacherConfig | None = None,
-    logger: RunLogger | None = None,
+    run: RunLogger | None = None,
 ) -> ExtractResult:
     """Build (or reuse) the feature table for `records` (default: the config's manifest)."""
     ecfg: ExtractConfig = cfg.extract
@@ -204,8 +204,8 @@ def run_extract(
     identity = teacher_identity(teacher)
     key = features.cache_key(rows, identity, ecfg.num_frames, ecfg.image_size)
     table_dir = Path(ecfg.cache_dir).resolve() / key
-    if logger:
-        logger.log_params(
+    if run:
+        run.log_params(
             {
                 "teacher": identity,
                 "num_frames": ecfg.num_frames,
@@ -221,8 +221,8 @@ def run_extract(
         result = ExtractResult(table_dir, meta, failures, cache_hit=True)
     else:
         result = _build_table(ecfg, teacher, identity, rows, key, table_dir, cfg.ray)
-    if logger:
-        _log_result(logger, result)
+    if run:
+        _log_result(run, result)
     return result
 
 
@@ -313,13 +313,13 @@ def _build_table(
     return ExtractResult(table_dir, meta, failures, cache_hit=False, dataset=good, seconds=seconds)
 
 
-def _log_result(logger: RunLogger, result: ExtractResult) -> None:
+def _log_result(run: RunLogger, result: ExtractResult) -> None:
     metrics = {"videos": result.num_videos, "failures": len(result.failures), "cache_hit": int(result.cache_hit)}
     for split, count in result.meta.counts.items():
         metrics[f"videos_{split}"] = count
     if not result.cache_hit and result.seconds:
         metrics.update(wall_time_s=result.seconds, videos_per_s=result.num_videos / result.seconds)
-    logger.log_metrics(metrics)
-    logger.set_tags({"feature_table": str(result.table_dir)})
-    logger.log_dict({"failures": result.failures}, "failures.json")
-    logger.log_dict(asdict(result.meta), "feature_table.json")
+    run.log_metrics(metrics)
+    run.set_tags({"feature_table": str(result.table_dir)})
+    run.log_dict({"failures": result.failures}, "failures.json")
+    run.log_dict(asdict(result.meta), "feature_table.json")

@@ -162,8 +162,8 @@ def _build_teacher(ctx: Context) -> dict:
     distill = ctx.cache.from_scratch("teacher", ctx.cfg.teacher_training.distill)
     run = ctx.child("teacher")
     with run.running():
-        table = run_extract(ctx.cfg, ctx.records, teacher=TeacherConfig(kind="none"), logger=run)
-        result = run_distill(ctx.cfg, table.table_dir, distill=distill, logger=run, name="teacher")
+        table = run_extract(ctx.cfg, ctx.records, teacher=TeacherConfig(kind="none"), run=run)
+        result = run_distill(ctx.cfg, table.table_dir, distill=distill, run=run, name="teacher")
     return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
 
 
@@ -175,7 +175,7 @@ def _build_extract(ctx: Context) -> dict:
 
     run = ctx.child("extract")
     with run.running():
-        table = run_extract(ctx.cfg, ctx.records, teacher=ctx.teacher, logger=run)
+        table = run_extract(ctx.cfg, ctx.records, teacher=ctx.teacher, run=run)
     ctx.extracted = table
     if table.dataset is not None:  # the same job keeps the table in the object store
         ctx.datasets = split_datasets(table.dataset, table.meta, ctx.cfg.distill.train_splits)
@@ -191,7 +191,7 @@ def _build_tune(ctx: Context) -> dict:
 
     run = ctx.child("tune")
     with run.running():
-        result = run_tune(ctx.cfg, ctx.table_dir, ctx.datasets, logger=run, teacher=ctx.teacher,
+        result = run_tune(ctx.cfg, ctx.table_dir, ctx.datasets, run=run, teacher=ctx.teacher,
                           restart=ctx.restart_tune or "tune" in ctx.cache.forced)
     return {"best_config": str(result.config_path), "best_params": result.best_params,
             "best_metric": result.best_metric, "ranked": ranked_trials(result.trials, list(ctx.cfg.tune.space))}
@@ -209,7 +209,7 @@ def _train(name: str, settings: Callable[[Context], DistillConfig]) -> tuple[Cal
         run = ctx.child(name)
         with run.running():
             result = run_distill(ctx.cfg, ctx.table_dir, ctx.datasets, distill=ctx.cache.from_scratch("distill", settings(ctx)),
-                                 logger=run, name=name, teacher=ctx.teacher)
+                                 run=run, name=name, teacher=ctx.teacher)
         return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
 
     return key, build
@@ -224,7 +224,7 @@ def _build_quantize(ctx: Context) -> dict:
 
     run = ctx.child("quantize")
     with run.running():
-        result = run_quantize(ctx.cfg, ctx.student, ctx.table_dir, logger=run)
+        result = run_quantize(ctx.cfg, ctx.student, ctx.table_dir, run=run)
     return {"output_dir": str(result.output_dir), "report": result.report, "report_text": result.report_text}
 
 

@@ -59,15 +59,15 @@ def calibration_images(table_dir: str | Path, meta: TableMeta, student: VideoTex
 
 
 def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path,
-                 logger: RunLogger | None = None) -> QuantizeResult:
+                 run: RunLogger | None = None) -> QuantizeResult:
     qcfg = cfg.quantize
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = read_meta(table_dir)
     student = load_student(checkpoint).eval()
     calib = calibration_images(table_dir, meta, student, qcfg.calib_samples)
     test = table_batches(table_dir, meta, "test")
-    if logger:
-        logger.log_params({"quantize": qcfg.model_dump(mode="json"), "checkpoint": str(checkpoint),
+    if run:
+        run.log_params({"quantize": qcfg.model_dump(mode="json"), "checkpoint": str(checkpoint),
                            "calib_images": len(calib)})
 
     results: dict[str, dict[str, float]] = {"fp32": evaluate_student(student.to(device), test, device)}
@@ -93,15 +93,15 @@ def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path
               "gptq_seconds": layer_reports["gptq"]["seconds"]}
     text = format_report(report)
     log.warning("quantize:\n%s", text)
-    if logger:
+    if run:
         for method, metrics in results.items():
-            logger.log_metrics({f"{method}_{k}": v for k, v in metrics.items()})
+            run.log_metrics({f"{method}_{k}": v for k, v in metrics.items()})
         for method, size in sizes.items():
-            logger.log_metrics({f"{method}_{k}": v for k, v in size.items() if isinstance(v, (int, float))})
-        logger.log_metrics({"r1_drop_gptq": results["fp32"]["t2v_R1"] - results["gptq"]["t2v_R1"]})
-        logger.log_text(text, "quantization_report.txt")
-        logger.log_dict({"report": report, "layers": layer_reports}, "quantization_report.json")
-        logger.log_artifact(out_dir, "quantized_model")
+            run.log_metrics({f"{method}_{k}": v for k, v in size.items() if isinstance(v, (int, float))})
+        run.log_metrics({"r1_drop_gptq": results["fp32"]["t2v_R1"] - results["gptq"]["t2v_R1"]})
+        run.log_text(text, "quantization_report.txt")
+        run.log_dict({"report": report, "layers": layer_reports}, "quantization_report.json")
+        run.log_artifact(out_dir, "quantized_model")
     return QuantizeResult(out_dir, report, text)
 
 

@@ -165,7 +165,7 @@ def train_loop(config: dict, session: Session | None = None) -> None:
         raise ValueError("the training loop needs numeric temperatures: resolve_temperatures() first")
     device = session.device()
     torch.manual_seed(cfg.seed + session.rank)
-    logger = spec.run()
+    run = spec.run()
     is_chief = session.rank == 0
 
     teacher_dim = meta.embed_dim if cfg.loss.objective == "dldkd" else None
@@ -189,7 +189,7 @@ def train_loop(config: dict, session: Session | None = None) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
         if is_chief:
-            _report_resume(logger, state, spec.run_id, cfg.epochs)
+            _report_resume(run, state, spec.run_id, cfg.epochs)
 
     model: torch.nn.Module = TrainStep(student)
     if session.world_size > 1:
@@ -245,8 +245,8 @@ def train_loop(config: dict, session: Session | None = None) -> None:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                         "history": history, "best": best, "run_id": spec.run_id},
                        Path(checkpoint_dir) / STATE_FILE)
-            if logger:
-                _log_epoch(logger, metrics)
+            if run:
+                _log_epoch(run, metrics)
             log.warning("distill epoch %d/%d: loss %.4f  val R@1 %.1f  (%.1fs)", epoch + 1, cfg.epochs,
                         metrics["train_loss"], metrics[TARGET_METRIC], metrics["epoch_time_s"])
         if session.world_size > 1:
@@ -256,18 +256,18 @@ def train_loop(config: dict, session: Session | None = None) -> None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         _maybe_fail(spec.fail_after, epoch)
 
-    if is_chief and logger:
+    if is_chief and run:
         from jobs.plots import training_curves
 
-        logger.log_figure(training_curves(history), "plots/training_curves.png")
+        run.log_figure(training_curves(history), "plots/training_curves.png")
 
 
-def _log_epoch(logger: RunLogger, metrics: dict) -> None:
+def _log_epoch(run: RunLogger, metrics: dict) -> None:
     """One epoch's metrics into MLflow, at the epoch's step (the first-step time is for Tune only)."""
-    logger.log_metrics({k: v for k, v in metrics.items() if k != FIRST_STEP_KEY}, step=metrics["epoch"])
+    run.log_metrics({k: v for k, v in metrics.items() if k != FIRST_STEP_KEY}, step=metrics["epoch"])
 
 
-def _report_resume(logger: RunLogger | None, state: dict, run_id: str | None, epochs: int) -> None:
+def _report_resume(run: RunLogger | None, state: dict, run_id: str | None, epochs: int) -> None:
     """Say where training picks up. A checkpoint written under another MLflow run is a job started
     again after its driver died: that run's epochs are logged into this one, so this run alone
     shows the whole training, and a tag names the run they came from."""
@@ -277,11 +277,11 @@ def _report_resume(logger: RunLogger | None, state: dict, run_id: str | None, ep
     else:
         log.warning("distill: resumed from the checkpoint of epoch %d", state["epoch"] + 1)
     previous = state.get("run_id")
-    if logger is None or previous == run_id:
+    if run is None or previous == run_id:
         return  # a worker restart within this run: its epochs are logged already
     for metrics in state["history"]:
-        _log_epoch(logger, metrics)
-    logger.set_tags({"vidkd.resumed_from_run": previous or "(not logged)", "vidkd.resumed_after_epoch": state["epoch"]})
+        _log_epoch(run, metrics)
+    run.set_tags({"vidkd.resumed_from_run": previous or "(not logged)", "vidkd.resumed_after_epoch": state["epoch"]})
 
 
 def _floats(metrics: dict) -> dict[str, float]:

@@ -112,21 +112,21 @@ def search_space(cfg: VidkdConfig) -> dict[str, Any]:
     }
 
 
-def scheduler(tcfg):
+def scheduler(tune_cfg):
     """ASHA on val R@1 per epoch; FIFO runs every trial to max_epochs (the full-budget baseline)."""
-    if tcfg.scheduler == "fifo":
+    if tune_cfg.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=tcfg.max_epochs, grace_period=tcfg.grace_period,
-                         reduction_factor=tcfg.reduction_factor)
+    return ASHAScheduler(time_attr="training_iteration", max_t=tune_cfg.max_epochs, grace_period=tune_cfg.grace_period,
+                         reduction_factor=tune_cfg.reduction_factor)
 
 
-def rungs(tcfg) -> list[int]:
+def rungs(tune_cfg) -> list[int]:
     """The epochs at which ASHA compares trials, as Ray's ASHA places them (one bracket):
     grace_period * reduction_factor^k up to max_epochs. None for FIFO, which stops no trial."""
-    if tcfg.scheduler == "fifo":
+    if tune_cfg.scheduler == "fifo":
         return []
-    count = int(math.log(tcfg.max_epochs / tcfg.grace_period) / math.log(tcfg.reduction_factor) + 1)
-    return [tcfg.grace_period * tcfg.reduction_factor ** k for k in range(count)]
+    count = int(math.log(tune_cfg.max_epochs / tune_cfg.grace_period) / math.log(tune_cfg.reduction_factor) + 1)
+    return [tune_cfg.grace_period * tune_cfg.reduction_factor ** k for k in range(count)]
 
 
 def experiment_name(cfg: VidkdConfig, table_key: str) -> str:
@@ -139,10 +139,10 @@ def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: R
     """One trial: a distill run with the sampled settings, logged as a child of the search."""
     distill = apply_params(DistillConfig.model_validate(base), params)
     trial_id = tune.get_context().get_trial_id()
-    logger = parent.child_once(f"trial-{trial_id}", {"vidkd.stage": "tune-trial"}) if parent else None
-    if logger:
-        logger.log_params({"trial_id": trial_id, **params})
-    spec = LoopSpec.for_run(distill, TableMeta(**meta), TeacherConfig.model_validate(teacher), logger)
+    run = parent.child_once(f"trial-{trial_id}", {"vidkd.stage": "tune-trial"}) if parent else None
+    if run:
+        run.log_params({"trial_id": trial_id, **params})
+    spec = LoopSpec.for_run(distill, TableMeta(**meta), TeacherConfig.model_validate(teacher), run)
     if distill.num_workers == 1:
         train_loop(spec.to_config(), TuneSession({**datasets, "train": shuffled_blocks(datasets["train"], distill.seed)}))
         return
@@ -152,7 +152,7 @@ def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: R
 
 
 def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = None,
-             logger: RunLogger | None = None, restart: bool = False,
+             run: RunLogger | None = None, restart: bool = False,
              teacher: TeacherConfig | None = None) -> TuneResult:
     """Search the distill settings of `cfg.tune.space`; `teacher` as in `run_distill`.
 
@@ -160,35 +160,35 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     started again after its driver died continues where it stopped, as distill does; a finished
     one is returned as it is. `restart` deletes that experiment's trials and starts anew."""
     init_ray(cfg.ray)
-    tcfg = cfg.tune
+    tune_cfg = cfg.tune
     meta = read_meta(table_dir)
-    base = cfg.distill.model_copy(update={"epochs": tcfg.max_epochs, "num_workers": tcfg.workers_per_trial,
-                                          "cpus_per_worker": tcfg.cpus_per_worker})
-    base = base.model_copy(update={"use_gpu": tcfg.gpus_per_worker > 0})  # trials use what the search asks for
+    base = cfg.distill.model_copy(update={"epochs": tune_cfg.max_epochs, "num_workers": tune_cfg.workers_per_trial,
+                                          "cpus_per_worker": tune_cfg.cpus_per_worker})
+    base = base.model_copy(update={"use_gpu": tune_cfg.gpus_per_worker > 0})  # trials use what the search asks for
     check_table(meta, base, table_dir)
     base, calibration = resolve_temperatures(base, table_dir, teacher or cfg.extract.teacher)
     if calibration:
-        log_calibration(calibration, logger)
+        log_calibration(calibration, run)
     datasets = datasets or split_datasets(table_dir, meta, base.train_splits)
-    trial_resources = {"cpu": tcfg.cpus_per_worker, "gpu": tcfg.gpus_per_worker}
-    if tcfg.workers_per_trial > 1:
+    trial_resources = {"cpu": tune_cfg.cpus_per_worker, "gpu": tune_cfg.gpus_per_worker}
+    if tune_cfg.workers_per_trial > 1:
         trial_resources = {"cpu": 0}  # the trial only drives a TorchTrainer, whose workers hold the resources
-    cpus_per_trial = tcfg.cpus_per_worker * tcfg.workers_per_trial
-    max_concurrent = tcfg.max_concurrent or max(1, int(cluster_cpus() // cpus_per_trial))
-    storage = storage_path(tcfg.storage_dir)
+    cpus_per_trial = tune_cfg.cpus_per_worker * tune_cfg.workers_per_trial
+    max_concurrent = tune_cfg.max_concurrent or max(1, int(cluster_cpus() // cpus_per_trial))
+    storage = storage_path(tune_cfg.storage_dir)
     name = experiment_name(cfg, meta.cache_key)
-    if logger:
-        logger.log_params({"tune": tcfg.model_dump(mode="json"), "max_concurrent": max_concurrent,
+    if run:
+        run.log_params({"tune": tune_cfg.model_dump(mode="json"), "max_concurrent": max_concurrent,
                            "experiment": name})
 
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, base=base.model_dump(mode="json"), meta=meta.__dict__,
-                             teacher=(teacher or cfg.extract.teacher).model_dump(mode="json"), parent=logger,
+                             teacher=(teacher or cfg.extract.teacher).model_dump(mode="json"), parent=run,
                              storage=storage, datasets=datasets),
         trial_resources,
     )
     path = run_path(storage, name)
-    default = default_point(tcfg.space, base)
+    default = default_point(tune_cfg.space, base)
     timing = TrialTiming()
     if restart and tune.Tuner.can_restore(path):
         log.warning("tune: --restart: deleting the earlier search in %s", path)
@@ -199,7 +199,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                     "anew)", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False)
     else:
-        searcher = ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[default], seed=tcfg.seed),
+        searcher = ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[default], seed=tune_cfg.seed),
                                       max_concurrent=max_concurrent)
         tuner = tune.Tuner(
             trainable,
@@ -208,8 +208,8 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                 metric=TARGET_METRIC,
                 mode="max",
                 search_alg=searcher,
-                scheduler=scheduler(tcfg),
-                num_samples=tcfg.num_samples,
+                scheduler=scheduler(tune_cfg),
+                num_samples=tune_cfg.num_samples,
                 max_concurrent_trials=max_concurrent,
             ),
             # a trial resumes (ASHA) from its latest checkpoint only: keep no others
@@ -248,20 +248,20 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     startup_share = sum(t["startup_s"] for t in timed) / sum(t["trial_s"] for t in timed) if timed else None
     log.warning("tune: best val R@1 %.1f with %s (%d trial-epochs)", best[TARGET_METRIC], best_params, trial_epochs)
 
-    if logger:
-        _close_trial_runs(logger, trials, tcfg.max_epochs)
-        logger.log_metrics({"best_" + TARGET_METRIC: best[TARGET_METRIC], "trials": len(trials),
+    if run:
+        _close_trial_runs(run, trials, tune_cfg.max_epochs)
+        run.log_metrics({"best_" + TARGET_METRIC: best[TARGET_METRIC], "trials": len(trials),
                             "trial_epochs": trial_epochs, "failed_trials": len(failures),
                             **({"trial_startup_share": startup_share} if startup_share is not None else {})})
-        logger.set_tags({f"best.{k}": f"{v:.6g}" for k, v in best_params.items()})
-        logger.log_artifact(out, "best_config")
-        logger.log_dict({"trials": trials}, "trials.json")
+        run.set_tags({f"best.{k}": f"{v:.6g}" for k, v in best_params.items()})
+        run.log_artifact(out, "best_config")
+        run.log_dict({"trials": trials}, "trials.json")
         log_params = {k for k, d in cfg.tune.space.items() if d.log}
-        logger.log_figure(metric_vs_params(trials, list(cfg.tune.space), TARGET_METRIC, log_params),
+        run.log_figure(metric_vs_params(trials, list(cfg.tune.space), TARGET_METRIC, log_params),
                           "plots/val_R1_vs_hyperparameters.png")
         curves = {f"trial-{t['trial_id']}": t["curve"] for t in trials if t["curve"]}
         if curves:
-            logger.log_figure(trial_curves(curves, rungs(tcfg), TARGET_METRIC), "plots/val_R1_per_trial_and_rung.png")
+            run.log_figure(trial_curves(curves, rungs(tune_cfg), TARGET_METRIC), "plots/val_R1_per_trial_and_rung.png")
     return TuneResult(best_config, best_params, best[TARGET_METRIC], out, trials, trial_epochs, startup_share,
                       len(failures), default, calibration, max_concurrent)
 

@@ -38,7 +38,7 @@ def test_training_survives_a_worker_failure_and_a_job_started_again(teacher_tabl
     spent = lambda: set(Path(tempfile.gettempdir()).glob("vidkd-ckpt-*"))  # noqa: E731
     before = spent()
     with pytest.raises(Exception, match="injected worker failure after epoch 1"):
-        run_distill(cfg, table.table_dir, distill=distill, logger=died,
+        run_distill(cfg, table.table_dir, distill=distill, run=died,
                     fail_after=[(0, str(markers[0])), (1, str(markers[1]))])
     assert all(m.exists() for m in markers), "the injected failures did not happen"
     assert spent() - before == set(), "each epoch's local checkpoint copy must go once reported"
@@ -49,7 +49,7 @@ def test_training_survives_a_worker_failure_and_a_job_started_again(teacher_tabl
     assert sorted(died_times) == [0, 1]
 
     again = RunLogger.create("again", cfg.tracking, output_dir=str(tracking_dir))
-    result = run_distill(cfg, table.table_dir, distill=distill.model_copy(update={"num_workers": 1}), logger=again)
+    result = run_distill(cfg, table.table_dir, distill=distill.model_copy(update={"num_workers": 1}), run=again)
     epochs = [h["epoch"] for h in result.history]
     assert epochs == [0, 1], f"the training's epochs, each once, got {epochs}"
     assert {h["epoch"]: h["epoch_time_s"] for h in result.history} == died_times, "an epoch was trained again"

@@ -63,7 +63,7 @@ def test_table_holds_good_videos_failures_the_bad_ones(ray_local, mixed_manifest
     teacher = TeacherConfig(kind="open_clip", name="vidkd-vit-micro")
     cfg = tiny_config(tmp_path, mixed_manifest, extract={"teacher": teacher.model_dump()})
     run = RunLogger.create("extract-test", cfg.tracking, output_dir=str(tracking_dir))
-    result = run_extract(cfg, logger=run)
+    result = run_extract(cfg, run=run)
 
     assert not result.cache_hit
     table = features.read_table(result.table_dir)

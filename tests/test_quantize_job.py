@@ -24,7 +24,7 @@ def test_quantize_student_report_and_reload(teacher_table, plain_student, tmp_pa
     student_ckpt, _ = plain_student
 
     run = RunLogger.create("quantize-test", cfg.tracking, output_dir=str(tracking_dir))
-    result = run_quantize(cfg, student_ckpt, table.table_dir, logger=run)
+    result = run_quantize(cfg, student_ckpt, table.table_dir, run=run)
 
     qcfg = read_quantize_config(result.output_dir)
     assert qcfg["bits"] == 4 and qcfg["group_size"] == 128 and qcfg["desc_act"] is True

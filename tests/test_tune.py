@@ -18,7 +18,7 @@ def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_
         "output_dir": str(tmp_path / "runs"),
     })
     parent = RunLogger.create("tune-test", cfg.tracking, output_dir=str(tracking_dir))
-    result = run_tune(cfg, table.table_dir, logger=parent)
+    result = run_tune(cfg, table.table_dir, run=parent)
 
     assert len(result.trials) == 6 and result.failed_trials == 0
     assert 1 <= min(t["epochs"] for t in result.trials) and max(t["epochs"] for t in result.trials) == 3
