@@ -168,7 +168,7 @@ def pipeline(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     from_: Optional[str] = typer.Option(None, "--from", help="Re-run from this stage: data, teacher, extract, "
-                                        "tune, distill, quantize. Trainings from it start from scratch; extract "
+                                        "tune, distill, baseline, quantize. Trainings from it start from scratch; extract "
                                         "still reuses a committed feature table with the same content key (it "
                                         "would be the same table)"),
     verbose: bool = VerboseOpt,
