@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -186,11 +186,12 @@ def _encode_online(columns: dict, meta: TableMeta, teacher_cfg: TeacherConfig, b
 
     torch.manual_seed(0)  # as training does: a teacher without weights initialises the same everywhere
     teacher = build_teacher(teacher_cfg)
+    frames_only = replace(meta, teacher={"kind": "none"})  # only the frames were read
     video, frames, texts, masks = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(columns["video_id"]), batch_size):
             part = {k: v[start:start + batch_size] for k, v in columns.items()}
-            batch = decode_batch(part, meta)
+            batch = decode_batch(part, frames_only)
             pixels, mask = torch.from_numpy(batch.frames), torch.from_numpy(batch.frame_mask)
             video_emb, frame_emb = teacher.encode_video(pixels, mask)
             video += list(video_emb.float().cpu())

@@ -132,7 +132,7 @@ def decode_rows(batch: pa.Table, num_frames: int, image_size: int) -> pa.Table:
             frames, mask = decode_video(row["path"], num_frames, image_size, video_id=row["video_id"])
             out["frames"], out["frame_mask"] = to_bytes(frames, "uint8"), to_bytes(mask, "uint8")
         except VideoDecodeError as error:
-            out[TableSink.ERROR] = f"{error.reason}: {error}"
+            out[TableSink.ERROR] = f"{error.reason}: {error.detail or error}"  # the row names the video
         rows.append(out)
     return pa.Table.from_pylist(rows, schema=_DECODED)
 
