@@ -236,7 +236,8 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                        **timing.timing(result.metrics.get("trial_id"))})
     if not trials:
         raise RuntimeError("no Tune trial reported a metric; see the trial errors above")
-    best = max(trials, key=lambda t: t[TARGET_METRIC])
+    # ties go to the first trial by id, so a search returned again after a restore names the same best
+    best = max(sorted(trials, key=lambda t: str(t["trial_id"])), key=lambda t: t[TARGET_METRIC])
     best_params = {k: best[k] for k in cfg.tune.space}
     best_distill = apply_params(cfg.distill.model_copy(update={"loss": base.loss}), best_params)  # calibrated
     best_config = cfg.model_copy(update={"distill": best_distill})
