@@ -64,9 +64,9 @@ def replay_asha(curves: list[list[float]], max_t: int, grace: int, factor: int, 
     percentile of the values recorded there before it). Trials start in order, `concurrency` at
     a time, each epoch taking one unit of time, so results arrive in the order a real search
     sees them. Returns the trial-epochs spent and the best value any trial reached."""
-    count = int(np.log(max_t / grace) / np.log(factor) + 1)
-    rungs = [grace * factor ** k for k in range(count)]
-    recorded: dict[int, dict[int, float]] = {rung: {} for rung in rungs}
+    from jobs.tune import asha_rungs
+
+    recorded: dict[int, dict[int, float]] = {rung: {} for rung in asha_rungs(max_t, grace, factor)}
     events: list[tuple[int, int, int]] = []  # (time, trial, epoch)
     waiting = list(range(len(curves)))[::-1]
     for _ in range(min(concurrency, len(curves))):

@@ -121,12 +121,16 @@ def scheduler(tune_cfg):
 
 
 def rungs(tune_cfg) -> list[int]:
-    """The epochs at which ASHA compares trials, as Ray's ASHA places them (one bracket):
-    grace_period * reduction_factor^k up to max_epochs. None for FIFO, which stops no trial."""
+    """The epochs at which the configured ASHA compares trials; none for FIFO, which stops no trial."""
     if tune_cfg.scheduler == "fifo":
         return []
-    count = int(math.log(tune_cfg.max_epochs / tune_cfg.grace_period) / math.log(tune_cfg.reduction_factor) + 1)
-    return [tune_cfg.grace_period * tune_cfg.reduction_factor ** k for k in range(count)]
+    return asha_rungs(tune_cfg.max_epochs, tune_cfg.grace_period, tune_cfg.reduction_factor)
+
+
+def asha_rungs(max_epochs: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """Where Ray's ASHA places its rungs (one bracket): grace_period * reduction_factor^k up to max_epochs."""
+    count = int(math.log(max_epochs / grace_period) / math.log(reduction_factor) + 1)
+    return [grace_period * reduction_factor ** k for k in range(count)]
 
 
 def experiment_name(cfg: VidkdConfig, table_key: str) -> str:
