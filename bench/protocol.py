@@ -66,7 +66,12 @@ class Protocol:
         row = evaluate_teacher_table(test)
         teacher = ctx.teacher
         if teacher.kind == "vidkd":  # a teacher trained here: its own logit scale, 1 / the tau it trained at
-            row["logit_scale"] = float(load_student(teacher.path).logit_scale)
+            from core.teachers.base import hash_state_dict
+
+            model = load_student(teacher.path)
+            row["logit_scale"] = float(model.logit_scale)
+            row["weights_sha256"] = hash_state_dict(model.state_dict())  # which teacher the students learned from
+            row["val_curve"] = ctx.outputs.get("teacher", {}).get("val_curve")  # has it reached its plateau?
         return TeacherSetup(teacher, ctx.table_dir, meta, datasets, test, row)
 
     def student(self, setup: TeacherSetup, distill: DistillConfig, name: str, tags: dict | None = None,

@@ -143,6 +143,12 @@ def format_report(summary: dict[str, Any]) -> str:
     if "logit_scale" in teacher:
         lines += [f"The teacher's own logit scale: {teacher['logit_scale']:.1f} (its logits are cos / "
                       f"{1 / teacher['logit_scale']:.3f}; TeachCLIP's teachers sit at 100, tau_video 0.01)."]
+    if teacher.get("weights_sha256"):
+        lines.append(f"The teacher's weights: sha256 {teacher['weights_sha256'][:16]} (of its state dict).")
+    if teacher.get("val_curve"):
+        curve = teacher["val_curve"]
+        lines.append(f"The teacher's val R@1 per epoch ({len(curve)} epochs): " + ", ".join(f"{v:.1f}" for v in curve)
+                     + f"; over its last 5 epochs {curve[-1] - curve[max(0, len(curve) - 6)]:+.1f}.")
     lines += ["Chosen on val before the grid (TeachCLIP student, seed " + str(summary["seeds"][0]) + "): tau_video "
               + ", ".join(f"{r['tau_video']:g} -> val R@1 {r['val_R1']:.1f}" for r in summary["selection"])
               + f"; chosen {summary['tau_video']:g}."]

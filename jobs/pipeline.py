@@ -164,7 +164,8 @@ def _build_teacher(ctx: Context) -> dict:
     with run.running():
         table = run_extract(ctx.cfg, ctx.records, teacher=TeacherConfig(kind="none"), run=run)
         result = run_distill(ctx.cfg, table.table_dir, distill=distill, run=run, name="teacher")
-    return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
+    return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id,
+            "val_curve": [round(float(m["val_t2v_R1"]), 2) for m in result.history]}
 
 
 def _build_extract(ctx: Context) -> dict:
