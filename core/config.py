@@ -88,7 +88,7 @@ class TeacherConfig(_Strict):
     trust_remote_code: bool = False  # explicit opt-in for internvideo2's remote code
     # internvideo2 built in: a published checkpoint file of this architecture, and the local
     # tokenizer directory of its text encoder (bert-large-uncased)
-    variant: Literal["stage2-1b", "stage2-micro"] | None = None
+    variant: Literal["stage2-1b", "stage2-6b", "stage2-micro", "stage2-6b-micro"] | None = None
     checkpoint: str | None = None
     tokenizer: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

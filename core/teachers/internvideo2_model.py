@@ -12,7 +12,8 @@ A stage-2 checkpoint holds the whole training model. Retrieval needs three parts
 - `temp`, the contrastive temperature.
 
 The rest (the stage-2 distillation decoders and their position embeddings, the fusion layers,
-the masked-language-model and matching heads) is declared with `full=True`, only to know the
+the masked-language-model and matching heads; for the 6B, the audio side of
+`core.teachers.internvideo2_audio`) is declared with `full=True` or as shapes, only to know the
 checkpoint's exact keys and shapes; it is never built on a real device nor run.
 
 Names of modules and parameters follow the checkpoint's, so its tensors load by name.
@@ -20,6 +21,7 @@ Names of modules and parameters follow the checkpoint's, so its tensors load by 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.teachers.internvideo2_audio import BEATS_ITER3_PLUS, BeatsSpec, audiovisual_shapes
 from core.teachers.internvideo2_text import TextEncoder
 
 
@@ -62,6 +65,15 @@ class InternVideo2Spec:
     max_text_len: int  # the published evaluation's caption length (max_txt_l)
     # shared space
     embed_dim: int
+    # the audio-visual checkpoint layout (the 6B's): its BEATs audio encoder, and the width the
+    # fusion layers cross-attend to (vision and audio tokens are projected to it); None: vision-text
+    audio: BeatsSpec | None = None
+    av_concat_width: int = 0
+
+    @property
+    def cross_attention_width(self) -> int:
+        """The width of the tokens BERT's fusion layers attend to (checkpoint-only layers)."""
+        return self.av_concat_width if self.audio is not None else self.width
 
 
 VARIANTS: dict[str, InternVideo2Spec] = {
@@ -74,12 +86,24 @@ VARIANTS: dict[str, InternVideo2Spec] = {
         vocab_size=30522, max_positions=512, type_vocab_size=2, max_text_len=40, embed_dim=512,
     ),
 }
+# internvideo2-s2_6b-224p-f4_with_audio_encoder.pt: InternVideo2-6B + the same BERT-large + BEATs,
+# saved from InternVideo2_Stage2_audiovisual. One position embedding: image mode averages it over time.
+VARIANTS["stage2-6b"] = replace(
+    VARIANTS["stage2-1b"], width=3200, depth=48, heads=25, mlp_width=12800, sep_image_pos_embed=False,
+    embed_dim=768, audio=BEATS_ITER3_PLUS, av_concat_width=768,
+)
 # The stage-2 architecture at micro width, random weights only: for tests and the demo pipeline.
 VARIANTS["stage2-micro"] = replace(
     VARIANTS["stage2-1b"], image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_width=64, pool_heads=2,
     pool_width=24, clip_teacher_width=16, clip_teacher_final_width=8, clip_return_layers=2,
     text_width=32, text_layers=3, text_heads=2, text_mlp_width=64, fusion_layer=2, vocab_size=128,
     max_positions=64, max_text_len=16, embed_dim=16,
+)
+# The 6B's layout (audio-visual, averaged image position embedding) at micro width: for tests.
+VARIANTS["stage2-6b-micro"] = replace(
+    VARIANTS["stage2-micro"], sep_image_pos_embed=False, embed_dim=12, av_concat_width=20,
+    audio=BeatsSpec(layers=2, width=16, mlp_width=32, heads=2, patch_width=8, patch_size=4, conv_pos=4,
+                    conv_pos_groups=2, num_buckets=8),
 )
 
 
@@ -291,25 +315,38 @@ def checkpoint_shapes(spec: InternVideo2Spec) -> dict[str, tuple[int, ...]]:
     """Every key of a stage-2 checkpoint of this architecture, with its shape."""
     with torch.device("meta"):
         full = InternVideo2Stage2(spec, full=True)
-    return {key: tuple(tensor.shape) for key, tensor in full.state_dict().items()}
+    return {key: tuple(tensor.shape) for key, tensor in full.state_dict().items()} | audiovisual_shapes(spec)
+
+
+class TrainingConfig:
+    """Reads the training code's `utils.easydict.EasyDict` (a dict subclass holding the training
+    config, saved beside the 6B's weights) as a plain `OrderedDict`: its items and attributes are
+    data, and nothing of the training code is imported or run. The config itself is not used."""
+
+    def __new__(cls, *args: Any) -> OrderedDict:
+        return OrderedDict()
+
+
+SAVED_ALONGSIDE = [(TrainingConfig, "utils.easydict.EasyDict")]
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a checkpoint file, read with `weights_only=True` (no code runs).
 
     Stage-2 checkpoints come as a bare state dict or wrapped by their trainer under `model`
-    (PyTorch) or `module` (DeepSpeed).
+    (PyTorch, possibly with its `config`: `TrainingConfig`) or `module` (DeepSpeed).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"InternVideo2 checkpoint not found: {path}")
     try:
-        try:  # mapped, not read: a 1B checkpoint is 4-6 GB and most of it is cast or moved anyway
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:  # files in the pre-zip format cannot be mapped
-            if "mmap" not in str(error):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAVED_ALONGSIDE):
+            try:  # mapped, not read: a 1B checkpoint is 4-6 GB and most of it is cast or moved anyway
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:  # files in the pre-zip format cannot be mapped
+                if "mmap" not in str(error):
+                    raise
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # an unpickling refusal names what it would have had to run
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path}: cannot be read as tensors with torch.load(weights_only=True): {first_line}") from None

@@ -77,8 +77,8 @@ class BertLayer(nn.Module):
     def __init__(self, spec: InternVideo2Spec, cross_attention: bool = False):
         super().__init__()
         self.attention = BertAttention(spec.text_width, spec.text_heads, spec.text_width)
-        if cross_attention:  # checkpoint-only: the fusion layers attend to the vision tokens
-            self.crossattention = BertAttention(spec.text_width, spec.text_heads, spec.width)
+        if cross_attention:  # checkpoint-only: the fusion layers attend to the vision (or audio-visual) tokens
+            self.crossattention = BertAttention(spec.text_width, spec.text_heads, spec.cross_attention_width)
         self.intermediate = BertIntermediate(spec.text_width, spec.text_mlp_width)
         self.output = DenseResidualNorm(spec.text_mlp_width, spec.text_width)
 
