@@ -120,7 +120,9 @@ def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overri
             wall[scheduler] = time.perf_counter() - start
         tuned = searches["asha"].best_config.distill
 
-        plans = {"none": (teachers["A"], _no_teacher(base.distill)), "A @ A settings": (teachers["A"], a_settings),
+        # the baseline is A's settings without a teacher: the same config (so the same cached
+        # training) as bench/quality.py's no-teacher student of each seed
+        plans = {"none": (teachers["A"], _no_teacher(a_settings)), "A @ A settings": (teachers["A"], a_settings),
                  "B @ A settings": (teachers["B"], a_settings), "B @ calibrated": (teachers["B"], calibrated),
                  "B @ tuned": (teachers["B"], tuned)}
         runs = []
