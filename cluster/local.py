@@ -93,14 +93,34 @@ def recorded_heads() -> list[Head]:
     return heads
 
 
+def free_port_or(preferred: int) -> int:
+    """`preferred` when nothing on this machine listens on it, else a free port the OS picks."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", preferred))
+            return preferred
+        except OSError:
+            probe.bind(("", 0))
+            return probe.getsockname()[1]
+
+
 def cluster_up(num_cpus: int | None = None, num_gpus: int | None = None, host: str = "127.0.0.1",
                dashboard_port: int = DEFAULT_DASHBOARD_PORT, port: int = 6379) -> Head:
     """Start a Ray head on this machine and record it for `cluster_down`."""
     if any(head.port == port for head in recorded_heads()):
         raise ValueError(f"a head started by `vidkd cluster up` runs on port {port}: "
                          f"`vidkd cluster down --port {port}` stops it")
+    # Ray's fixed defaults for the head's job agent (52365) and Ray Client (10001) may be held by
+    # another Ray instance on the machine (any local `ray.init()` takes 52365): a head whose agent
+    # cannot bind starts, but refuses every job with "No available agent". Keep the defaults where
+    # they are free.
     command = [_ray_bin(), "start", "--head", f"--port={port}", "--include-dashboard=true",
-               f"--dashboard-host={host}", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
+               f"--dashboard-host={host}", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+               f"--dashboard-agent-listen-port={free_port_or(52365)}",
+               f"--ray-client-server-port={free_port_or(10001)}"]
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:

@@ -95,14 +95,25 @@ def submit(address: str, stage: str, config: str | None = None, overrides: list[
     if pip:
         runtime_env["pip"] = pip
     try:
-        return client(address).submit_job(
-            entrypoint=entrypoint(stage, config_arg, overrides or [], extra or []),
-            runtime_env=runtime_env,
-            metadata={"vidkd.stage": stage},
-        )
+        return _submit_when_ready(client(address), entrypoint=entrypoint(stage, config_arg, overrides or [], extra or []),
+                                  runtime_env=runtime_env, metadata={"vidkd.stage": stage})
     finally:
         for path in files_to_clean:
             path.unlink(missing_ok=True)
+
+
+def _submit_when_ready(jobs: JobSubmissionClient, wait_s: float = 60.0, **job) -> str:
+    """Submit, waiting for the head's job agent: a head just started (`vidkd cluster up` returns
+    when Ray answers) refuses jobs with "No available agent" for a few seconds, more on a busy
+    machine. Any other refusal is raised at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return jobs.submit_job(**job)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def list_jobs(address: str) -> list[dict]:

@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Ray Train's controller polls its workers every 2 s, and a worker's next report waits until the
+# last one was collected: a test's epochs take a fraction of that, so every epoch, start and end
+# of a training would wait for the poll. (Set before the session's Ray starts: its workers inherit it.)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 @pytest.fixture(scope="session")

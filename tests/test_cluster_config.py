@@ -39,3 +39,30 @@ def test_submit_names_what_would_stay_in_the_job_working_dir(monkeypatch):
     assert len(job_local_outputs(str(ROOT / "configs/demo.yaml"))) == 4
     with pytest.raises(ValueError, match="config file not found"):
         job_local_outputs("nope.yaml")
+
+
+def test_submit_waits_for_a_new_heads_job_agent_and_raises_anything_else(monkeypatch):
+    """A head just started refuses jobs with "No available agent" for a few seconds (what the
+    dashboard answers until the head's agent registers): submit waits for it; any other refusal,
+    or one that outlasts the wait, is raised."""
+    from cluster import submit
+
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+
+    class Jobs:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def submit_job(self, **job):
+            self.calls += 1
+            if self.errors:
+                raise RuntimeError(self.errors.pop(0))
+            return f"raysubmit_{job['entrypoint']}"
+
+    agent = "Request failed with status code 500: No available agent to submit job, please try again later."
+    jobs = Jobs([agent, agent])
+    assert submit._submit_when_ready(jobs, entrypoint="x") == "raysubmit_x" and jobs.calls == 3
+    with pytest.raises(RuntimeError, match="status code 400"):
+        submit._submit_when_ready(Jobs(["Request failed with status code 400: bad runtime_env"]), entrypoint="x")
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit._submit_when_ready(Jobs([agent] * 3), wait_s=-1, entrypoint="x")

@@ -125,6 +125,18 @@ def test_stop_head_ends_what_names_the_head_and_its_descendants(tmp_path):
         psutil.wait_procs(started, timeout=10)
 
 
+def run_job(jobs, text: str) -> str:
+    """Run a job that prints `text` on the head `jobs` talks to; its final status, once it printed."""
+    from cluster.submit import _submit_when_ready
+
+    job = _submit_when_ready(jobs, entrypoint=f"python -c \"print('{text}')\"")
+    deadline = time.monotonic() + 120
+    while not jobs.get_job_status(job).is_terminal() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert text in jobs.get_job_logs(job)
+    return str(jobs.get_job_status(job))
+
+
 @pytest.mark.own_ray_cluster
 def test_cluster_down_stops_only_its_own_head():
     """`vidkd cluster up` and `down` beside an unrelated Ray head (another user's job, another test
@@ -139,7 +151,8 @@ def test_cluster_down_stops_only_its_own_head():
     try:
         subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={other_port}",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={other_dashboard}",
-                        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                        # Ray's default job-agent port where it is free: our head must then take another
+                        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={local.free_port_or(52365)}",
                         "--num-cpus=1", f"--temp-dir={other_tmp}", "--disable-usage-stats"],
                        check=True, env=env, timeout=180, capture_output=True)
         other = local.find_head(other_port, f"http://127.0.0.1:{other_dashboard}")
@@ -157,6 +170,7 @@ def test_cluster_down_stops_only_its_own_head():
         names = {p.name() for p in own_processes}
         assert own.port == port and {"gcs_server", "raylet"} <= names and len(own_processes) >= 5, names
         assert not {p.pid for p in own_processes} & {p.pid for p in other.processes()}
+        assert run_job(client(own.address), "ours") == "SUCCEEDED"  # its job agent runs beside the other's
 
         down = subprocess.run(VIDKD + ["cluster", "down"], cwd=ROOT, env=env, timeout=120, capture_output=True,
                               text=True)
@@ -167,12 +181,7 @@ def test_cluster_down_stops_only_its_own_head():
         assert not answers(f"http://127.0.0.1:{dashboard}/api/version") and local.recorded_heads() == []
 
         assert all(p.is_running() for p in other_core)
-        jobs = client(other.address)
-        job = jobs.submit_job(entrypoint="python -c \"print('still here')\"")
-        deadline = time.monotonic() + 120
-        while not jobs.get_job_status(job).is_terminal() and time.monotonic() < deadline:
-            time.sleep(1)
-        assert str(jobs.get_job_status(job)) == "SUCCEEDED" and "still here" in jobs.get_job_logs(job)
+        assert run_job(client(other.address), "still here") == "SUCCEEDED"
 
         again = subprocess.run(VIDKD + ["cluster", "down"], cwd=ROOT, env=env, timeout=60, capture_output=True,
                                text=True)
