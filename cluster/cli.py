@@ -231,9 +231,27 @@ def submit_cmd(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow server for the job "
                                                "(default: $MLFLOW_TRACKING_URI)"),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream the job's logs until it ends"),
+    check_inputs_here: bool = typer.Option(True, "--check-inputs/--no-check-inputs",
+                                           help="Check the files the job will read on this machine first "
+                                           "(--no-check-inputs where only the cluster's nodes have them)"),
 ) -> None:
-    """Submit a stage or the whole pipeline as a Ray job, with this project as its working dir."""
+    """Submit a stage or the whole pipeline as a Ray job, with this project as its working dir.
+
+    The config, and (unless --no-check-inputs) every file the job will read, are checked here
+    first, as a local run checks them: a mistake is one line and exit 2, and no job is started.
+    The job checks them again on the cluster before it starts Ray."""
     from cluster import submit as jobsub
+    if stage not in jobsub.STAGE_COMMANDS:
+        _fail(f"unknown stage {stage!r}: expected one of {', '.join(sorted(jobsub.STAGE_COMMANDS))}")
+    cfg = _load(config, set_)
+    if check_inputs_here:
+        try:
+            warnings = check_inputs(cfg, stage)
+        except (OSError, ValueError) as error:
+            _fail(f"{error} (checked on this machine; --no-check-inputs submits anyway, where only the "
+                  "cluster's nodes have the file)")
+        for warning in warnings:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     try:
         for line in jobsub.job_local_outputs(str(config) if config else None, set_ or [], tracking_uri):
             typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)

@@ -391,20 +391,28 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        # A manifest named in a config file resolves against the file's folder, as the manifest's
-        # video paths resolve against the manifest's: the three move together. One given with
-        # --set is typed in a shell and resolves against the working directory. Either is kept
-        # absolute, so a config written out (Tune's best) names the same file from anywhere.
-        _absolute_manifest(raw, path.parent)
+        # Data files named in a config file (the manifest, MSRVTT's annotation files and video
+        # folder) resolve against the file's folder, as the manifest's video paths resolve against
+        # the manifest's: config and dataset move together. One given with --set is typed in a
+        # shell and resolves against the working directory. Either is kept absolute, so a config
+        # written out (Tune's best) names the same files from anywhere.
+        _absolute_data_paths(raw, path.parent)
     raw = apply_overrides(raw, list(overrides or []))
-    _absolute_manifest(raw, Path.cwd())
+    _absolute_data_paths(raw, Path.cwd())
     return config_from_dict(raw)
 
 
-def _absolute_manifest(raw: dict[str, Any], folder: Path) -> None:
+MSRVTT_PATHS = ("data_json", "train_csv", "test_csv", "video_dir")
+
+
+def _absolute_data_paths(raw: dict[str, Any], folder: Path) -> None:
     data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("manifest"), str) and data["manifest"]:
-        data["manifest"] = os.path.abspath(folder / Path(data["manifest"]).expanduser())
+    if not isinstance(data, dict):
+        return
+    msrvtt = data.get("msrvtt") if isinstance(data.get("msrvtt"), dict) else {}
+    for section, key in [(data, "manifest")] + [(msrvtt, key) for key in MSRVTT_PATHS]:
+        if isinstance(section.get(key), str) and section[key]:
+            section[key] = os.path.abspath(folder / Path(section[key]).expanduser())
 
 
 def dump_config(config: BaseModel) -> str:

@@ -155,6 +155,33 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_starts(case, tmp_path,
     assert list(elsewhere.iterdir()) == [], "no runs/ directory, no mlflow.db"
 
 
+def test_submit_checks_the_inputs_here_before_any_job_starts(tmp_path, monkeypatch):
+    """`vidkd submit` reads the config and the job's files on this machine first: a bad manifest
+    is the local run's one line (with how to skip the check) and no job is submitted;
+    `--no-check-inputs` leaves the check to the job, for files only the cluster's nodes have."""
+    from cluster import cli
+    from cluster import submit as jobsub
+
+    args, message = bad_inputs(tmp_path)["a video listed twice"]
+    submitted = []
+    monkeypatch.setattr(jobsub, "submit", lambda address, stage, config, overrides, tracking_uri=None:
+                        submitted.append((stage, overrides)) or "raysubmit_1")
+    monkeypatch.setattr(jobsub, "job_local_outputs", lambda *a: [])
+    job = ["submit", "tune", "--address", "http://127.0.0.1:1", *args[1:]]
+    done = CliRunner().invoke(cli.app, job)
+    assert done.exit_code == 2 and submitted == []
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"error: {message}") and line.endswith(
+        "(checked on this machine; --no-check-inputs submits anyway, where only the cluster's nodes have the file)")
+    for bad, line in ((["submit", "distil"], "error: unknown stage 'distil'"),
+                      (["submit", "distill", "--set", "distill.lr=0"], "error: distill.lr: Input should be")):
+        done = CliRunner().invoke(cli.app, bad)
+        assert done.exit_code == 2 and done.stderr.startswith(line) and submitted == [], done.stderr
+    done = CliRunner().invoke(cli.app, [*job, "--no-check-inputs"])
+    assert done.exit_code == 0 and done.stdout.strip() == "submitted raysubmit_1"
+    assert submitted == [("tune", args[1:][1::2])]
+
+
 def test_a_bad_manifest_ends_the_real_command_before_ray_starts(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     line = b'{"video_id": "v1", "path": "v1.mp4", "captions": ["\xff"], "split": "train"}\n'

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from core.config import ConfigError, VidkdConfig, load_config
@@ -64,3 +66,22 @@ def test_quality_preset_loads_with_a_teacher_that_trains_on_the_pool():
 def test_teacher_mode_none_needs_objective_none():
     with pytest.raises(ConfigError, match="teacher_mode none"):
         load_config(None, ["distill.teacher_mode=none"])
+
+
+def test_data_paths_in_a_config_resolve_against_its_folder_and_set_ones_against_the_working_dir(tmp_path, monkeypatch):
+    """The manifest and MSRVTT's files travel with the config that names them; `--set` is typed
+    in a shell. Both come out absolute, so a written-out config names the same files anywhere."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "run.yaml").write_text("data:\n  manifest: ../data/m.jsonl\n  msrvtt:\n    data_json: ../msrvtt/d.json\n"
+                                   "    train_csv: train.csv\n    test_csv: /abs/test.csv\n    video_dir: ~/videos\n")
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(conf / "run.yaml")
+    assert cfg.data.manifest == str(tmp_path / "data" / "m.jsonl")
+    msrvtt = cfg.data.msrvtt
+    assert msrvtt.data_json == str(tmp_path / "msrvtt" / "d.json") and msrvtt.train_csv == str(conf / "train.csv")
+    assert msrvtt.test_csv == "/abs/test.csv" and msrvtt.video_dir == str(Path.home() / "videos")
+    cfg = load_config(conf / "run.yaml", ["data.msrvtt.video_dir=clips", "data.manifest=m2.jsonl"])
+    assert cfg.data.msrvtt.video_dir == str(elsewhere / "clips") and cfg.data.manifest == str(elsewhere / "m2.jsonl")
