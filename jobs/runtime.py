@@ -45,6 +45,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    quiet_ray_data_processes()
     # Workers log at the driver's level: no INFO lines from libraries (open_clip's model-building
     # steps) in every worker unless `--verbose`.
     level = log_level()
@@ -89,6 +90,31 @@ def quiet_ray_data() -> None:
         dataset_log.removeFilter(_no_cpu_warning)
     else:
         dataset_log.addFilter(_no_cpu_warning)
+
+
+RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+
+
+def quiet_ray_data_processes() -> None:
+    """Unless `--verbose` (or a logging config of the user's own): Ray Data's console lines at
+    WARNING in every process the workers of a local instance start, as `quiet_ray_data` sets them
+    in this one. Otherwise the coordinator of each training split prints "Dataset ... execution
+    finished" every epoch, and "Progress bars disabled" once. Ray Data's own default config with
+    the console handler's level raised: its session log file still gets everything."""
+    if verbose() or os.environ.get(RAY_DATA_LOGGING_ENV):
+        return
+    import copy
+    import tempfile
+
+    import yaml
+    from ray.data._internal.logging import DEFAULT_CONFIG
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "WARNING"
+    config["loggers"]["ray.data._internal.progress"] = {"level": "ERROR"}  # "Progress bars disabled"
+    path = Path(tempfile.gettempdir()) / f"vidkd-ray-data-logging-{os.getuid()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    os.environ[RAY_DATA_LOGGING_ENV] = str(path)
 
 
 def _no_cpu_warning(record: logging.LogRecord) -> bool:

@@ -53,6 +53,17 @@ logging.getLogger("vidkd.extract").warning("extract: wrote 3 videos")
 logging.getLogger("ray.data.dataset").warning(
     "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
 print("ROWS", ray.data.range(3).materialize().count())
+
+
+@ray.remote(num_cpus=0)
+class Worker:  # reads its split as a training worker does, two epochs, in another process
+    def read(self, split):
+        return sum(len(batch["id"]) for _ in range(2) for batch in split.iter_batches(batch_size=2))
+
+
+split_ds = ray.data.range(4)
+split_ds.context.enable_progress_bars = False
+print("SPLIT", ray.get(Worker.remote().read.remote(split_ds.streaming_split(1)[0])))
 ray.shutdown()
 """
 
@@ -61,18 +72,20 @@ ray.shutdown()
 @pytest.mark.parametrize("verbose", [False, True])
 def test_the_driver_prints_its_lines_once_and_ray_data_quietly_unless_verbose(verbose):
     """Ray's logging config adds a second handler to the driver's root logger; Ray Data prints a
-    plan and a closing line whenever a dataset is read, and warns that it "will hang" whenever all
-    CPUs are busy."""
+    plan and a closing line whenever a dataset is read (in the driver, and in the coordinator
+    process of a worker's split each epoch), and warns that it "will hang" whenever all CPUs are
+    busy."""
     with tempfile.TemporaryDirectory(prefix="vk", dir="/tmp") as short:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", VERBOSE_ENV)}
         env.update(RAY_TMPDIR=short, PYTHONPATH=str(ROOT), **({VERBOSE_ENV: "1"} if verbose else {}))
         done = subprocess.run([sys.executable, "-c", LOG_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=180)
-    assert done.returncode == 0 and "ROWS 3" in done.stdout, done.stderr[-2000:]
+    assert done.returncode == 0 and "ROWS 3" in done.stdout and "SPLIT 8" in done.stdout, done.stderr[-2000:]
     assert done.stderr.count("extract: wrote 3 videos") == 1, done.stderr[-2000:]
     assert ("Execution plan of Dataset" in done.stderr) == verbose, done.stderr[-2000:]
     assert ("execution finished" in done.stderr) == verbose, done.stderr[-2000:]
     assert ("will hang" in done.stderr) == verbose, done.stderr[-2000:]
+    assert ("Progress bars disabled" in done.stderr) == verbose, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("verbose", [False, True])
