@@ -23,7 +23,8 @@ On bench/quality.py's data, target set, students, seeds and test split (`--confi
 4. Seed noise: the std over seeds of the tuned student's val R@1.
 
 Every training and both searches are cached stages: a run that stops part-way continues where
-it stopped. Results: a Markdown report on stdout and `<output_dir>/teacher_swap.json`.
+it stopped. The students that need no search train first, and their report is printed and saved
+(`<output_dir>/teacher_swap.partial.json`) before the searches start. Results: a Markdown report on stdout and `<output_dir>/teacher_swap.json`.
 """
 
 from __future__ import annotations
@@ -108,6 +109,16 @@ def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overri
         teachers = {"A": protocol.teacher(), "B": protocol.teacher(b_cfg.teacher_training, "teacher-b")}
         calibration = {name: _calibration(calibrated, setup) for name, setup in teachers.items()}
 
+        # the baseline is A's settings without a teacher: the same config (so the same cached
+        # training) as bench/quality.py's no-teacher student of each seed
+        plans = {"none": (teachers["A"], _no_teacher(a_settings)), "A @ A settings": (teachers["A"], a_settings),
+                 "B @ A settings": (teachers["B"], a_settings), "B @ calibrated": (teachers["B"], calibrated)}
+        # the students that need no search first: a run stopped during the searches has them
+        runs = _students(protocol, plans, seeds)
+        partial = _summary(base, swap, seeds, teachers, calibration, runs, {}, {}, search_cfg, [])
+        print("Before the searches:\n" + format_report(partial), flush=True)
+        (Path(base.output_dir) / "teacher_swap.partial.json").write_text(json.dumps(partial, indent=1, default=str))
+
         searches, wall = {}, {}
         for scheduler in ("asha", "fifo"):
             tune_cfg = search_cfg.tune.model_copy(update={"scheduler": scheduler,
@@ -118,41 +129,43 @@ def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overri
                 searches[scheduler] = run_tune(search_cfg.model_copy(update={"tune": tune_cfg}), teachers["B"].table_dir,
                                                teachers["B"].datasets, run=run, teacher=teachers["B"].teacher)
             wall[scheduler] = time.perf_counter() - start
-        tuned = searches["asha"].best_config.distill
-
-        # the baseline is A's settings without a teacher: the same config (so the same cached
-        # training) as bench/quality.py's no-teacher student of each seed
-        plans = {"none": (teachers["A"], _no_teacher(a_settings)), "A @ A settings": (teachers["A"], a_settings),
-                 "B @ A settings": (teachers["B"], a_settings), "B @ calibrated": (teachers["B"], calibrated),
-                 "B @ tuned": (teachers["B"], tuned)}
-        runs = []
-        for seed in seeds:
-            for label, (setup, distill) in plans.items():
-                name = label.replace(" @ ", "-").replace(" ", "-") + f"-seed{seed}"
-                row = protocol.student(setup, distill.model_copy(update={"seed": seed}), name,
-                                       {"vidkd.variant": label})
-                runs.append({"row": label, **row})
-                print(f"{label} seed {seed}: test t2v R@1 {row['t2v_R1']:.1f} (val {row['val_R1']:.1f})", flush=True)
+        runs += _students(protocol, {"B @ tuned": (teachers["B"], searches["asha"].best_config.distill)}, seeds)
 
         fifo_curves = [t["curve"] for t in searches["fifo"].trials if t.get("curve")]
         replays = [{"grace_period": g, "reduction_factor": f,
                     **replay_asha(fifo_curves, search_cfg.tune.max_epochs, g, f, searches["fifo"].max_concurrent)}
                    for g in (1, 2, 3, 4, 6) for f in (2, 3, 4) if g < search_cfg.tune.max_epochs]
-        summary = {
-            "config": base.model_dump(mode="json"), "swap": swap, "seeds": seeds,
-            "test_videos": teachers["A"].meta.counts.get("test", 0),
-            "teachers": {name: {**setup.row, "calibration": calibration[name]} for name, setup in teachers.items()},
-            "runs": runs,
-            "search": {name: {"trials": len(r.trials), "trial_epochs": r.trial_epochs, "best_val_R1": r.best_metric,
-                              "best_params": r.best_params, "default_params": r.default_params, "wall_s": wall[name],
-                              "config_path": str(r.config_path)} for name, r in searches.items()},
-            "tune": search_cfg.tune.model_dump(mode="json"), "replays": replays,
-        }
+        summary = _summary(base, swap, seeds, teachers, calibration, runs, searches, wall, search_cfg, replays)
         report = format_report(summary)
         parent.log_text(report, "teacher_swap.md")
         parent.log_dict(summary, "teacher_swap.json")
     (Path(base.output_dir) / "teacher_swap.json").write_text(json.dumps(summary, indent=1, default=str))
     return {**summary, "report": report}
+
+
+def _summary(base, swap, seeds, teachers, calibration, runs, searches, wall, search_cfg, replays) -> dict[str, Any]:
+    return {
+        "config": base.model_dump(mode="json"), "swap": swap, "seeds": seeds,
+        "test_videos": teachers["A"].meta.counts.get("test", 0),
+        "teachers": {name: {**setup.row, "calibration": calibration[name]} for name, setup in teachers.items()},
+        "runs": runs,
+        "search": {name: {"trials": len(r.trials), "trial_epochs": r.trial_epochs, "best_val_R1": r.best_metric,
+                          "best_params": r.best_params, "default_params": r.default_params, "wall_s": wall[name],
+                          "config_path": str(r.config_path)} for name, r in searches.items()},
+        "tune": search_cfg.tune.model_dump(mode="json"), "replays": replays,
+    }
+
+
+def _students(protocol: Protocol, plans: dict[str, tuple[TeacherSetup, DistillConfig]], seeds: list[int]) -> list[dict]:
+    """Each plan's student at each seed (cached stages), printed as it is known."""
+    runs = []
+    for seed in seeds:
+        for label, (setup, distill) in plans.items():
+            name = label.replace(" @ ", "-").replace(" ", "-") + f"-seed{seed}"
+            row = protocol.student(setup, distill.model_copy(update={"seed": seed}), name, {"vidkd.variant": label})
+            runs.append({"row": label, **row})
+            print(f"{label} seed {seed}: test t2v R@1 {row['t2v_R1']:.1f} (val {row['val_R1']:.1f})", flush=True)
+    return runs
 
 
 def _no_teacher(distill: DistillConfig) -> DistillConfig:

@@ -87,3 +87,19 @@ def test_report_answers_each_question():
     assert "tuned − default = +6.0 (more than twice the seed std, 2.0); B @ tuned beats A @ A settings" in text
     assert "(88% of it; goal 90%)" in text  # calibrated gain 7 of the tuned 8
     assert "3.2x fewer trial-epochs" in text
+
+
+def test_the_report_before_the_searches_answers_what_it_can():
+    """The students that need no search come first, and their report is printed and saved then:
+    a run stopped during the searches still has the transfer question answered."""
+    runs = [{"row": row, "seed": seed, "t2v_R1": r1 + seed, "v2t_R1": 0.0, "val_R1": 20.0, "tau_video": 0.05,
+             "tau_frame": 1.0}
+            for seed in (0, 1, 2) for row, r1 in (("none", 10), ("A @ A settings", 14), ("B @ A settings", 12),
+                                                  ("B @ calibrated", 17))]
+    summary = {"test_videos": 300, "seeds": [0, 1, 2], "runs": runs, "search": {}, "replays": [],
+               "tune": {"num_samples": 16, "max_epochs": 20, "grace_period": 4, "reduction_factor": 3},
+               "teachers": {"A": {"t2v_R1": 37.0, "calibration": {}}, "B": {"t2v_R1": 40.0, "calibration": {}}}}
+    text = format_report(summary)
+    assert "| B @ calibrated | 0.05 | 1 | 18.0 ± 1.0 |" in text and "| 7.0 ± 0.0 |" in text
+    assert "| B @ tuned |  |  |  |" in text  # its cells wait for the search
+    assert "Tune recovers" not in text and "ASHA:" not in text
