@@ -79,17 +79,18 @@ def quiet_ray_data() -> None:
     split; the datasets made from here on copy this context, wherever they are read), no line
     each time one is done or written in this process (the progress bars say so), and no warning
     that a dataset "will hang" for want of CPUs, which Ray Data gives whenever all CPUs are busy at
-    the moment it starts (training workers, the teacher's actors finishing) and which then passes."""
+    the moment it starts (training workers, the teacher's actors finishing) and which then passes,
+    nor that a dataset read without a bar (a training split) shows none."""
     from ray.data import DataContext
 
     DataContext.get_current().print_on_execution_start = verbose()
     for name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
         logging.getLogger(name).setLevel(logging.NOTSET if verbose() else logging.WARNING)
-    dataset_log = logging.getLogger("ray.data.dataset")
-    if verbose():
-        dataset_log.removeFilter(_no_cpu_warning)
-    else:
-        dataset_log.addFilter(_no_cpu_warning)
+    for name, noise in (("ray.data.dataset", _no_cpu_warning), ("ray.data._internal.progress", _no_bars_warning)):
+        if verbose():
+            logging.getLogger(name).removeFilter(noise)
+        else:
+            logging.getLogger(name).addFilter(noise)
 
 
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
@@ -119,6 +120,11 @@ def quiet_ray_data_processes() -> None:
 
 def _no_cpu_warning(record: logging.LogRecord) -> bool:
     return "does not have any available CPUs" not in record.getMessage()
+
+
+def _no_bars_warning(record: logging.LogRecord) -> bool:
+    """Ray Data's warning, once, that a dataset read without a bar (a training split's) shows none."""
+    return not record.getMessage().startswith("Progress bars disabled")
 
 
 def quiet_training_worker() -> None:

@@ -322,12 +322,13 @@ def split_datasets(table: Any, meta: TableMeta, train_splits: list[str] | None =
     "train" holds the rows of `train_splits` (default: the train split)."""
     if isinstance(table, (str, Path)):
         table = ray.data.read_parquet(str(table), file_extensions=["parquet"])
+    # bookkeeping before the first epoch: no bar (and, where stdout is not a terminal, no block of
+    # progress lines) for each of the three splits; the datasets derived from here on copy this
+    table.context.enable_progress_bars = False
     train = " or ".join(f"split == '{split}'" for split in (train_splits or ["train"]))
     splits = {name: table.filter(expr=expr).materialize()
               for name, expr in (("train", train), ("val", "split == 'val'"), ("test", "split == 'test'"))}
-    for ds in splits.values():  # read every epoch: the epoch's log line says enough, no bar per pass
-        ds.context.enable_progress_bars = False
-    return splits
+    return splits  # read every epoch, without a bar: the epoch's log line says enough
 
 
 def shuffled_blocks(train: Any, seed: int) -> Any:

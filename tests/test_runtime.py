@@ -63,6 +63,7 @@ class Worker:  # reads its split as a training worker does, two epochs, in anoth
 
 split_ds = ray.data.range(4)
 split_ds.context.enable_progress_bars = False
+split_ds.materialize()  # here too, without a bar: no warning that there is none
 print("SPLIT", ray.get(Worker.remote().read.remote(split_ds.streaming_split(1)[0])))
 ray.shutdown()
 """
