@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import ray
+import yaml
 
 from core.config import RayConfig
 
@@ -45,7 +50,6 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    quiet_ray_data_processes()
     # Workers log at the driver's level: no INFO lines from libraries (open_clip's model-building
     # steps) in every worker unless `--verbose`.
     level = log_level()
@@ -54,16 +58,17 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, logging_config=logging_config)
     else:
-        ray.init(
-            address="local",
-            num_cpus=cfg.num_cpus,
-            include_dashboard=True,  # Ray Train polls the state API (served by the dashboard) for its clean-up
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-            configure_logging=True,
-            logging_level=level,
-            logging_config=logging_config,
-        )
+        with quiet_ray_data_processes():
+            ray.init(
+                address="local",
+                num_cpus=cfg.num_cpus,
+                include_dashboard=True,  # Ray Train polls the state API (served by the dashboard) for its clean-up
+                dashboard_host="127.0.0.1",
+                log_to_driver=True,
+                configure_logging=True,
+                logging_level=level,
+                logging_config=logging_config,
+            )
     # The logging config also adds a handler to the driver's root logger: with the CLI's own, every
     # line of the driver would be printed twice.
     root = logging.getLogger()
@@ -96,26 +101,34 @@ def quiet_ray_data() -> None:
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
 
 
-def quiet_ray_data_processes() -> None:
-    """Unless `--verbose` (or a logging config of the user's own): Ray Data's console lines at
-    WARNING in every process the workers of a local instance start, as `quiet_ray_data` sets them
-    in this one. Otherwise the coordinator of each training split prints "Dataset ... execution
-    finished" every epoch, and "Progress bars disabled" once. Ray Data's own default config with
-    the console handler's level raised: its session log file still gets everything."""
+@contextlib.contextmanager
+def quiet_ray_data_processes() -> Iterator[None]:
+    """Around the start of a local instance, unless `--verbose` (or a logging config of the
+    user's own): Ray Data's console lines at WARNING in every process its workers start (they
+    inherit the environment of that moment), as `quiet_ray_data` sets them in this one. Otherwise
+    the coordinator of each training split prints "Dataset ... execution finished" every epoch,
+    and "Progress bars disabled" once. Ray Data's own default config with the console handler's
+    level raised: its session log file still gets everything. The variable is gone again after,
+    so that nothing started later from this process (a second instance, `--verbose`) inherits it."""
     if verbose() or os.environ.get(RAY_DATA_LOGGING_ENV):
+        yield
         return
-    import copy
-    import tempfile
-
-    import yaml
     from ray.data._internal.logging import DEFAULT_CONFIG
 
     config = copy.deepcopy(DEFAULT_CONFIG)
     config["handlers"]["console"]["level"] = "WARNING"
     config["loggers"]["ray.data._internal.progress"] = {"level": "ERROR"}  # "Progress bars disabled"
+    # read by each worker when it first imports Ray Data, for the life of the instance: kept (the
+    # same content every time, replaced whole so that a concurrent start never reads half of it)
     path = Path(tempfile.gettempdir()) / f"vidkd-ray-data-logging-{os.getuid()}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as part:
+        part.write(yaml.safe_dump(config))
+    os.replace(part.name, path)
     os.environ[RAY_DATA_LOGGING_ENV] = str(path)
+    try:
+        yield
+    finally:
+        os.environ.pop(RAY_DATA_LOGGING_ENV, None)
 
 
 def _no_cpu_warning(record: logging.LogRecord) -> bool:

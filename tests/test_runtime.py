@@ -49,6 +49,8 @@ logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # as
 from core.config import RayConfig
 from jobs.runtime import init_ray, log_level
 init_ray(RayConfig(num_cpus=1))
+import os
+print("AFTER START", os.environ.get("RAY_DATA_LOGGING_CONFIG"))  # the workers have it; nothing later inherits it
 logging.getLogger("vidkd.extract").warning("extract: wrote 3 videos")
 logging.getLogger("ray.data.dataset").warning(
     "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
@@ -82,6 +84,7 @@ def test_the_driver_prints_its_lines_once_and_ray_data_quietly_unless_verbose(ve
         done = subprocess.run([sys.executable, "-c", LOG_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=180)
     assert done.returncode == 0 and "ROWS 3" in done.stdout and "SPLIT 8" in done.stdout, done.stderr[-2000:]
+    assert "AFTER START None" in done.stdout
     assert done.stderr.count("extract: wrote 3 videos") == 1, done.stderr[-2000:]
     assert ("Execution plan of Dataset" in done.stderr) == verbose, done.stderr[-2000:]
     assert ("execution finished" in done.stderr) == verbose, done.stderr[-2000:]
