@@ -24,7 +24,8 @@ On bench/quality.py's data, target set, students, seeds and test split (`--confi
 
 Every training and both searches are cached stages: a run that stops part-way continues where
 it stopped. The students that need no search train first, and their report is printed and saved
-(`<output_dir>/teacher_swap.partial.json`) before the searches start. Results: a Markdown report on stdout and `<output_dir>/teacher_swap.json`.
+(`<output_dir>/teacher_swap.partial.json`) before the searches start. Results: a Markdown report
+on stdout and `<output_dir>/teacher_swap.json`.
 """
 
 from __future__ import annotations

@@ -50,13 +50,19 @@ def _prepare(stage: str, config: Optional[Path], overrides: Optional[list[str]],
     so that a mistake ends in one line and exit status 2 before Ray or MLflow start."""
     _setup_logging(verbose)
     cfg = _load(config, overrides)
+    _check_inputs(cfg, stage, table=table, checkpoint=checkpoint)
+    return cfg
+
+
+def _check_inputs(cfg: VidkdConfig, stage: str, table: Optional[Path] = None, checkpoint: Optional[Path] = None,
+                  hint: str = "") -> None:
+    """`check_inputs`: an error is one line (with `hint` after it) and exit 2; warnings print."""
     try:
         warnings = check_inputs(cfg, stage, table=table, checkpoint=checkpoint)
     except (OSError, ValueError) as error:
-        _fail(str(error))
+        _fail(f"{error}{hint}")
     for warning in warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-    return cfg
 
 
 # ------------------------------------------------------------------------------------ data
@@ -241,17 +247,14 @@ def submit_cmd(
     first, as a local run checks them: a mistake is one line and exit 2, and no job is started.
     The job checks them again on the cluster before it starts Ray."""
     from cluster import submit as jobsub
-    if stage not in jobsub.STAGE_COMMANDS:
-        _fail(f"unknown stage {stage!r}: expected one of {', '.join(sorted(jobsub.STAGE_COMMANDS))}")
+    try:
+        jobsub.check_stage(stage)
+    except ValueError as error:
+        _fail(str(error))
     cfg = _load(config, set_)
     if check_inputs_here:
-        try:
-            warnings = check_inputs(cfg, stage)
-        except (OSError, ValueError) as error:
-            _fail(f"{error} (checked on this machine; --no-check-inputs submits anyway, where only the "
-                  "cluster's nodes have the file)")
-        for warning in warnings:
-            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+        _check_inputs(cfg, stage, hint=" (checked on this machine; --no-check-inputs submits anyway, where only "
+                      "the cluster's nodes have the file)")
     try:
         for line in jobsub.job_local_outputs(str(config) if config else None, set_ or [], tracking_uri):
             typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)

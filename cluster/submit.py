@@ -39,9 +39,13 @@ def client(address: str) -> JobSubmissionClient:
     return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else None)
 
 
-def entrypoint(stage: str, config: str | None, overrides: list[str], extra: list[str]) -> str:
+def check_stage(stage: str) -> None:
     if stage not in STAGE_COMMANDS:
         raise ValueError(f"unknown stage {stage!r}: expected one of {', '.join(sorted(STAGE_COMMANDS))}")
+
+
+def entrypoint(stage: str, config: str | None, overrides: list[str], extra: list[str]) -> str:
+    check_stage(stage)
     parts = ["python", "-m", "cluster.cli", stage]
     if config:
         parts += ["--config", config]
