@@ -50,8 +50,11 @@ def _check_dataset(cfg: VidkdConfig) -> list[str]:
     missing = missing_videos(records, source)
     if not missing:
         return []
-    return [f"{source}: {len(missing)} of {len(records)} video files do not exist (the first: {missing[0].path}); "
-            "extract records them as failures"]
+    folders = [record for record in missing if Path(record.path).is_dir()]
+    what = (f"{len(missing)} of {len(records)} video files do not exist (the first: {missing[0].path})"
+            if not folders else f"{len(missing)} of {len(records)} video paths are not files ({len(folders)} of them folders, "
+            f"the first: {folders[0].path})")
+    return [f"{source}: {what}; extract records them as failures"]
 
 
 def _check_teacher(teacher: TeacherConfig) -> None:

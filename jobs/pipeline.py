@@ -302,11 +302,12 @@ def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
 def run_single_stage(stage: str, cfg: VidkdConfig, table: Path | None = None, restart: bool = False,
                      checkpoint: Path | None = None) -> dict:
     """`vidkd extract|distill|tune|quantize`: the stages before it as cached (or what `--table` and
-    `--checkpoint` give instead), then the stage, in one MLflow run of the stage's name.
-    Returns the stage's outputs."""
+    `--checkpoint` give instead), then the stage, in one MLflow run of the stage's name, with the
+    pipeline run's key settings as params. Returns the stage's outputs."""
     run = RunLogger.create(stage, cfg.tracking, tags={"vidkd.stage": stage}, output_dir=cfg.output_dir)
     with run.running():
         run.log_text(dump_config(cfg), "config.yaml")
+        run.log_params(pipeline_params(cfg))
         ctx = Context(cfg, StageCache(cfg, "tune" if restart else None), run, given_table=table,
                       given_checkpoint=checkpoint, restart_tune=restart)
         run_stages(ctx, until=stage)

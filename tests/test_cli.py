@@ -218,3 +218,9 @@ def test_videos_missing_among_others_are_one_warning_and_the_stage_runs(tmp_path
         assert done.stderr.splitlines() == [f"warning: {manifest}: 1 of 2 video files do not exist (the first: "
                                             f"{tmp_path / 'v2.mp4'}); extract records them as failures"]
     assert calls == [("extract", str(manifest), None), ("extract", str(manifest), "1")]
+
+    (tmp_path / "v2.mp4").mkdir()  # a folder where a video should be is named as one
+    done = CliRunner().invoke(cli.app, ["extract", "--set", f"data.manifest={manifest}"])
+    assert done.exit_code == 0 and done.stderr.splitlines() == [
+        f"warning: {manifest}: 1 of 2 video paths are not files (1 of them folders, the first: {tmp_path / 'v2.mp4'}); "
+        "extract records them as failures"]

@@ -137,7 +137,14 @@ def test_submit_pipeline_to_a_local_head(tmp_path):
         listed = subprocess.run(vidkd + ["jobs", "list", "--address", address], capture_output=True, text=True,
                                 cwd=ROOT, env=env, check=True).stdout
         assert job in listed and "SUCCEEDED" in listed
-        assert (tmp_path / "job-mlflow.db").exists()
+        from mlflow.tracking import MlflowClient
+
+        tracking = MlflowClient(f"sqlite:///{tmp_path / 'job-mlflow.db'}")
+        runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()],
+                                    filter_string="tags.`vidkd.stage` = 'distill'")
+        [stage_run] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # not its training child
+        params = stage_run.data.params  # the key settings, as on a pipeline run: comparable in the runs table
+        assert params["student"] == raw["distill"]["student"]["model"] and params["objective"] == "teachclip"
     finally:
         subprocess.run(vidkd + ["cluster", "down"], cwd=ROOT, env=env, timeout=120)
 

@@ -90,8 +90,8 @@ def test_rungs_are_where_rays_asha_puts_them():
     from ray.tune.schedulers import ASHAScheduler
 
     for max_epochs, grace, factor in ((3, 1, 2), (4, 1, 2), (20, 2, 3), (40, 5, 2), (9, 3, 3)):
-        tcfg = TuneConfig(max_epochs=max_epochs, grace_period=grace, reduction_factor=factor)
+        tune_cfg = TuneConfig(max_epochs=max_epochs, grace_period=grace, reduction_factor=factor)
         asha = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=grace,
                              reduction_factor=factor)
-        assert rungs(tcfg) == sorted(milestone for milestone, _ in asha._brackets[0]._rungs)
+        assert rungs(tune_cfg) == sorted(milestone for milestone, _ in asha._brackets[0]._rungs)
     assert rungs(TuneConfig(scheduler="fifo")) == []
