@@ -269,6 +269,13 @@ def _resolve_field(model: type[BaseModel], dotted: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- quantize
+# Which packed linear runs an INT4 layer: `fused` is gptqmodel's TorchFusedLinear (torch's int4
+# CPU matmul, bfloat16 activations), `torch` its TorchLinear (dequantizes every forward; any
+# device, any bits); `auto` takes fused where it can run the layer (CPU, 4 bits, groups of 32 to
+# 128, outputs a multiple of 16) and torch elsewhere. The checkpoint is the same for both.
+QuantKernel = Literal["auto", "fused", "torch"]
+
+
 class QuantizeConfig(_Strict):
     bits: Literal[3, 4, 8] = 4
     group_size: int = Field(128, ge=-1)  # -1: one group per row
@@ -277,6 +284,7 @@ class QuantizeConfig(_Strict):
     act_order: bool = False
     calib_samples: int = Field(200, ge=1)
     compare_rtn: bool = True  # also evaluate round-to-nearest at the same bits
+    kernel: QuantKernel = "auto"  # how the quantized students are run when evaluated (not saved)
 
     @field_validator("group_size")
     @classmethod

@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 
-from core.config import StudentConfig
+from core.config import QuantKernel, StudentConfig
 from core.modelzoo import create_clip
 from core.video import normalize_frames
 
 CHECKPOINT_FORMAT = "vidkd-student/1"
+# Inference precisions of the dense student (`to_precision`); INT4 is core.quant's.
+Precision = Literal["fp32", "bf16"]
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class VideoOutput(NamedTuple):
@@ -139,6 +142,7 @@ class VideoTextStudent(nn.Module):
 
         # Frames travel as uint8 and are normalised on the model's device.
         pixels = normalize_frames(frames.to(self.device, non_blocking=True).flatten(0, 1), self.mean, self.std)
+        pixels = pixels.to(self.clip.logit_scale.dtype)  # a bf16 student (to_precision) takes bf16 pixels
         x = self.clip.encode_image(pixels).view(batch, num_frames, -1)
         if self.temporal is not None:
             x = self.temporal(x, mask)
@@ -253,8 +257,9 @@ def save_student(model: VideoTextStudent, path: str | Path, extra: dict | None =
     return path
 
 
-def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> VideoTextStudent:
-    """Rebuild a student saved by `save_student`; no pretrained weights are fetched."""
+def load_student(path: str | Path, map_location: str | torch.device = "cpu",
+                 precision: Precision = "fp32") -> VideoTextStudent:
+    """Rebuild a student saved by `save_student`, in `precision`; no pretrained weights are fetched."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"student checkpoint not found: {path}")
@@ -266,7 +271,15 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> 
     clip, tokenizer = create_clip(cfg.model, None)
     model = VideoTextStudent(clip, tokenizer, cfg, checkpoint["num_frames"], teacher_dim=checkpoint["teacher_dim"])
     model.load_state_dict(checkpoint["state_dict"])
-    return model.to(map_location)
+    return to_precision(model.to(map_location), precision)
+
+
+def to_precision(model: VideoTextStudent, precision: Precision) -> VideoTextStudent:
+    """The dense student in `precision`, in place, for inference: `bf16` halves its weights and runs
+    its matmuls on the CPU's bf16 units where it has them (AVX-512 BF16, AMX). Training stays fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (expected one of {', '.join(PRECISIONS)})")
+    return model.to(PRECISIONS[precision])
 
 
 def read_checkpoint_extra(path: str | Path) -> dict:
@@ -286,8 +299,9 @@ def build_student_skeleton(meta: dict[str, Any]) -> VideoTextStudent:
     return build_student(cfg, meta["num_frames"], teacher_dim=meta["teacher_dim"])
 
 
-def load_quantized_student(out_dir: str | Path, device: str = "cpu") -> VideoTextStudent:
-    """A student saved by the quantize stage (core.quant's checkpoint directory)."""
+def load_quantized_student(out_dir: str | Path, device: str = "cpu", kernel: QuantKernel = "auto") -> VideoTextStudent:
+    """A student saved by the quantize stage (core.quant's checkpoint directory), its INT4 linears
+    on `kernel` (`auto`: the fused int4 kernel on CPU where it can run them; core.quant.kernels)."""
     from core.quant import load_quantized  # gptqmodel's import is slow: only loading pays it
 
-    return load_quantized(out_dir, build_student_skeleton, device=device)
+    return load_quantized(out_dir, build_student_skeleton, device=device, kernel=kernel)

@@ -2,8 +2,9 @@
 
     vidkd quantize --checkpoint runs/models/distill-<run>.pt --config configs/demo.yaml
 
-Calibration frames come from the feature table's train split; the full-precision, GPTQ and
-round-to-nearest students are evaluated on its test split, side by side.
+Calibration frames come from the feature table's train split; the fp32, bf16, GPTQ and
+round-to-nearest students are evaluated on its test split, side by side, the INT4 ones on
+`quantize.kernel` (`auto`: the fused int4 kernel on CPU; the kernel used is logged).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 from core.config import VidkdConfig, digest
 from core.evaluation import evaluate_student
 from core.features import TableMeta, read_meta, read_table, stack_bytes, table_batches
-from core.quant import quantize_visual, save_quantized, size_report
-from core.student import VideoTextStudent, load_quantized_student, load_student, student_meta
+from core.quant import describe_kernels, quantize_visual, save_quantized, set_kernel, size_report
+from core.student import VideoTextStudent, load_quantized_student, load_student, student_meta, to_precision
 from core.video import normalize_frames
 from jobs.tracking import RunLogger
 
@@ -72,28 +73,38 @@ def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path
 
     results: dict[str, dict[str, float]] = {"fp32": evaluate_student(student.to(device), test, device)}
     sizes = {"fp32": size_report(student)}
+    bf16 = to_precision(copy.deepcopy(student), "bf16")
+    results["bf16"], sizes["bf16"] = evaluate_student(bf16, test, device), size_report(bf16)
+    del bf16
     methods = ["gptq"] + (["rtn"] if qcfg.compare_rtn else [])
-    # one folder per student and settings: a re-run with other settings does not overwrite this one
-    out_dir = Path(cfg.output_dir).resolve() / "models" / f"{Path(checkpoint).stem}-int{qcfg.bits}-{digest(qcfg.model_dump(mode='json'), 8)}"
-    layer_reports = {}
+    # One folder per student and settings: a re-run with other settings does not overwrite this
+    # one. The kernel only changes how the checkpoint is run, not what is written.
+    settings = qcfg.model_dump(mode="json", exclude={"kernel"})
+    name = f"{Path(checkpoint).stem}-int{qcfg.bits}-{digest(settings, 8)}"
+    out_dir = Path(cfg.output_dir).resolve() / "models" / name
+    layer_reports, kernels = {}, {}
     for method in methods:
         model = copy.deepcopy(student).to(device)
         quant = quantize_visual(model.clip.visual, calib, qcfg, method=method)
         layer_reports[method] = quant.to_dict()
         if method == "gptq":
             save_quantized(model, out_dir, qcfg, student_meta(student), method=method)
-            model = load_quantized_student(out_dir, device)  # evaluate what was written, not what is in memory
+            # evaluate what was written, not what is in memory
+            model = load_quantized_student(out_dir, device, kernel=qcfg.kernel)
             sizes[method] = size_report(model, out_dir)
         else:
+            set_kernel(model, qcfg.kernel)
             sizes[method] = size_report(model)
+        kernels[method] = describe_kernels(model)
         results[method] = evaluate_student(model, test, device)
 
     report = {"metrics": results, "sizes": sizes, "bits": qcfg.bits, "group_size": qcfg.group_size,
               "calib_images": len(calib), "checkpoint_bytes": Path(checkpoint).stat().st_size,
-              "gptq_seconds": layer_reports["gptq"]["seconds"]}
+              "gptq_seconds": layer_reports["gptq"]["seconds"], "kernel": kernels["gptq"]}
     text = format_report(report)
     log.warning("quantize:\n%s", text)
     if run:
+        run.log_params({"quantize_kernel_used": kernels["gptq"]})
         for method, metrics in results.items():
             run.log_metrics({f"{method}_{k}": v for k, v in metrics.items()})
         for method, size in sizes.items():
@@ -111,7 +122,8 @@ def format_report(report: dict[str, Any]) -> str:
     fp, q = sizes["fp32"], sizes["gptq"]
     mb = 1 / 2**20
     lines = [
-        f"INT{report['bits']} g{report['group_size']}, {report['calib_images']} calibration frames",
+        f"INT{report['bits']} g{report['group_size']}, {report['calib_images']} calibration frames, "
+        f"{report['kernel']} kernel",
         "",
         "component        params      fp32 MB   int MB",
     ]

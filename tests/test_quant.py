@@ -139,7 +139,7 @@ def test_save_and_load_give_the_same_model(gptq_model, held_out, tmp_path):
     assert config["quantized_modules"] == quant.quantized_module_names(model)
     assert config["model_meta"] == {"model": MODEL}
 
-    loaded = quant.load_quantized(tmp_path, build_clip)
+    loaded = quant.load_quantized(tmp_path, build_clip, kernel="torch")  # the kernel that packed them: exact
     assert quant.quantized_module_names(loaded) == config["quantized_modules"]
     tokens = torch.randint(0, 49408, (2, 24))
     with torch.no_grad():
@@ -232,10 +232,112 @@ def test_act_order_round_trip(clip_model, calib, held_out, tmp_path):
     assert not torch.equal(g_idx, g_idx.sort().values)  # columns quantized by descending activation
     quant.save_quantized(model, tmp_path, cfg, {"model": MODEL})
     assert json.loads((tmp_path / "quantize_config.json").read_text())["desc_act"] is True
-    loaded = quant.load_quantized(tmp_path, build_clip)
+    loaded = quant.load_quantized(tmp_path, build_clip, kernel="torch")
+    fused = quant.load_quantized(tmp_path, build_clip)  # auto: fused where this torch has the kernel
+    assert quant.describe_kernels(fused) == ("torch" if quant.fused_unsupported(cfg, 128, 128) else "fused")
     with torch.no_grad():
-        assert torch.equal(loaded.encode_image(held_out), model.encode_image(held_out))
-        assert relative_error(model.encode_image(held_out), clip_model.encode_image(held_out)) < 0.05
+        expected = model.encode_image(held_out)
+        assert torch.equal(loaded.encode_image(held_out), expected)
+        assert relative_error(fused.encode_image(held_out), expected) < 1e-2  # bf16 activations
+        assert relative_error(expected, clip_model.encode_image(held_out)) < 0.05
+
+
+# ----------------------------------------------------------------------------------- kernels
+requires_fused = pytest.mark.skipif(quant.fused_unsupported(QuantizeConfig(), 128, 128) is not None,
+                                    reason="this torch has no int4 CPU matmul")
+
+
+def ran_int4_kernel(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = layer(x)
+    return out, any(e.key == "aten::_weight_int4pack_mm_for_cpu" for e in prof.key_averages())
+
+
+@requires_fused
+@pytest.mark.parametrize("shape,group_size,act_order,sym", [
+    ((128, 64), 128, False, True), ((256, 96), 64, True, True), ((384, 48), 32, True, False),
+    ((128, 32), -1, False, False), ((512, 128), 128, True, True),
+])
+def test_fused_kernel_matches_dequantized_reference(shape, group_size, act_order, sym):
+    """The fused layer, loaded from the same packed tensors, against TorchLinear's dequantized weight.
+
+    The kernel runs on bfloat16 activations, scales and outputs, so the two agree to bfloat16
+    precision (relative error ~2^-9), not fp16's; a wrong zero point or column order is off by
+    tens of percent."""
+    torch.manual_seed(0)
+    in_features, out_features = shape
+    linear = nn.Linear(in_features, out_features)
+    quantizer = quant.LayerQuantizer(linear, QuantizeConfig(group_size=group_size, act_order=act_order, sym=sym))
+    quantizer.add_batch(torch.randn(400, in_features) @ torch.randn(in_features, in_features) / in_features**0.5)
+    reference = quantizer.quantize().module
+    model = nn.Sequential(copy.deepcopy(reference))
+    assert quant.set_kernel(model, "fused") == {"fused": 1}
+
+    x = torch.randn(2, 7, in_features)
+    out, used_kernel = ran_int4_kernel(model[0], x)
+    with torch.no_grad():
+        expected = reference(x)
+    assert used_kernel and model[0].repacked and out.shape == expected.shape and out.dtype == torch.float32
+    assert relative_error(out, expected) < 6e-3
+    torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1.6e-2 * expected.abs().max().item())
+    with pytest.raises(ValueError, match="no longer holds the checkpoint layout"):
+        quant.set_kernel(model, "torch")
+
+
+@requires_fused
+def test_checkpoint_loads_into_either_kernel(gptq_model, held_out, tmp_path):
+    model, _ = gptq_model
+    quant.save_quantized(model, tmp_path, QuantizeConfig(), {"model": MODEL})
+    portable = quant.load_quantized(tmp_path, build_clip, kernel="torch")
+    fused = quant.load_quantized(tmp_path, build_clip, kernel="fused")
+    assert quant.kernels_used(portable) == {"torch": 8} and quant.describe_kernels(portable) == "torch"
+    assert quant.kernels_used(fused) == {"fused": 8}
+    assert quant.kernels_used(quant.load_quantized(tmp_path, build_clip)) == {"fused": 8}  # auto, on CPU
+    assert quant.size_report(fused, tmp_path) == quant.size_report(portable, tmp_path)  # the same tensors
+    with torch.no_grad():
+        expected = model.encode_image(held_out)
+        assert torch.equal(portable.encode_image(held_out), expected)
+        assert relative_error(fused.encode_image(held_out), expected) < 1e-2
+    with pytest.raises(ValueError, match="has run the fused kernel"):
+        quant.save_quantized(fused, tmp_path / "again", QuantizeConfig(), {"model": MODEL})
+    assert quant.set_kernel(portable, "auto") == {"fused": 8}  # in memory, from the packed tensors
+
+
+def test_kernel_choice_per_layer():
+    cfg = QuantizeConfig()
+    assert quant.resolve_kernel("torch", cfg, 768, 768) == "torch"
+    assert quant.resolve_kernel("auto", cfg, 768, 768, device="cuda") == "torch"  # fused is CPU only
+    unsupported = {"8 bits": (QuantizeConfig(bits=8), 768, 768),
+                   "group 256": (QuantizeConfig(group_size=256), 768, 768),
+                   "one group of 768": (QuantizeConfig(group_size=-1), 768, 768),
+                   "100 outputs": (cfg, 768, 100)}
+    for why, (settings, in_features, out_features) in unsupported.items():
+        assert quant.resolve_kernel("auto", settings, in_features, out_features) == "torch", why
+        with pytest.raises(ValueError, match="fused int4 kernel cannot run this layer"):
+            quant.resolve_kernel("fused", settings, in_features, out_features, name=why)
+    with pytest.raises(ValueError, match="unknown kernel 'marlin'"):
+        quant.resolve_kernel("marlin", cfg, 768, 768)
+    expected = "torch" if quant.fused_unsupported(cfg, 768, 768) else "fused"
+    assert quant.resolve_kernel("auto", cfg, 768, 768) == expected
+
+
+def test_bf16_student_is_its_own_precision(tmp_path):
+    from core.config import StudentConfig
+    from core.student import build_student, load_student, save_student
+
+    torch.manual_seed(0)
+    path = save_student(build_student(StudentConfig(model=MODEL, temporal_layers=1), num_frames=4), tmp_path / "s.pt")
+    fp32, bf16 = load_student(path).eval(), load_student(path, precision="bf16").eval()
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    frames = torch.randint(0, 255, (2, 4, 32, 32, 3), dtype=torch.uint8)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = fp32.encode_video(frames, mask).video_emb, bf16.encode_video(frames, mask).video_emb
+        text = bf16.encode_text(["a red car", "a bus"])
+    assert b.dtype == torch.bfloat16 and text.dtype == torch.bfloat16
+    assert F.cosine_similarity(a, b.float()).min() > 0.99
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        load_student(path, precision="fp8")
 
 
 # -------------------------------------------------------------------------------------- timm
@@ -255,7 +357,7 @@ def test_timm_blocks_quantize_and_reload(calib, held_out, tmp_path):
         assert relative_error(vit(held_out), reference) < 0.2
 
     quant.save_quantized(vit, tmp_path, QuantizeConfig(), {"timm": TIMM_VIT})
-    loaded = quant.load_quantized(tmp_path, lambda meta: VisionTransformer(**meta["timm"]))
+    loaded = quant.load_quantized(tmp_path, lambda meta: VisionTransformer(**meta["timm"]), kernel="torch")
     with torch.no_grad():
         assert torch.equal(loaded(held_out), vit(held_out))
 

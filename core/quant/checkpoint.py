@@ -9,8 +9,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from core.config import QuantizeConfig
+from core.config import QuantizeConfig, QuantKernel
 from core.quant.gptq import QKVAttention
+from core.quant.kernels import resolve_kernel
 from core.quant.packing import (CONFIG_FILE, WEIGHTS_FILE, Method, _empty_quant_linear, _finish_quant_linear,
                                 _is_quant_linear, _set_submodule)
 
@@ -35,6 +36,10 @@ def save_quantized(
     quantized = quantized_module_names(model)
     if not quantized:
         raise ValueError("the model holds no quantized linears: run quantize_visual first")
+    repacked = [name for name in quantized if getattr(model.get_submodule(name), "repacked", False)]
+    if repacked:
+        raise ValueError(f"{repacked[0]} has run the fused kernel, whose repacked tensors are not the checkpoint "
+                         "layout: save the model quantize_visual packed, or one loaded with kernel='torch'")
     try:
         json.dumps(model_meta)
     except TypeError as error:
@@ -76,11 +81,14 @@ def load_quantized(
     out_dir: str | Path,
     build_model: Callable[[dict[str, Any]], nn.Module],
     device: str | torch.device = "cpu",
+    kernel: QuantKernel = "auto",
 ) -> nn.Module:
     """Rebuild a model written by `save_quantized`, in eval mode on `device`.
 
     `build_model(model_meta)` returns the unquantized skeleton; its attentions are swapped and
-    its quantized linears replaced by empty `TorchLinear`s before the weights are loaded.
+    its quantized linears replaced by empty packed linears of `kernel` (core.quant.kernels:
+    `auto` runs the fused int4 kernel on CPU where it can, `torch` is gptqmodel's TorchLinear)
+    before the weights are loaded.
     """
     from safetensors.torch import load_model
 
@@ -96,7 +104,9 @@ def load_quantized(
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{name}: expected nn.Linear in the rebuilt model, found {type(linear).__name__}")
-        _set_submodule(model, name, _empty_quant_linear(linear.in_features, linear.out_features, linear.bias is not None, cfg))
+        chosen = resolve_kernel(kernel, cfg, linear.in_features, linear.out_features, device, name)
+        empty = _empty_quant_linear(linear.in_features, linear.out_features, linear.bias is not None, cfg, chosen)
+        _set_submodule(model, name, empty)
     model.to("cpu")
     load_model(model, str(Path(out_dir) / WEIGHTS_FILE), strict=True)
     for name in config["quantized_modules"]:

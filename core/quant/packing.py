@@ -1,4 +1,4 @@
-"""gptqmodel's packed linear (`TorchLinear`), the settings it can pack, and module helpers.
+"""gptqmodel's packed linears (`TorchLinear`, and the fused CPU one), the settings they pack, module helpers.
 
 gptqmodel is imported lazily: importing it takes several seconds and sets process-wide
 environment variables, a cost only quantizing and loading should pay.
@@ -59,9 +59,20 @@ def pack_linear(linear: nn.Linear, fake_weight, scales, zeros, g_idx, cfg: Quant
     return qlinear.to(linear.weight.device)
 
 
-def _empty_quant_linear(in_features: int, out_features: int, bias: bool, cfg: QuantizeConfig) -> nn.Module:
-    _, TorchLinear, _ = _gptqmodel()
-    return TorchLinear(
+def _quant_linear_class(kernel: str) -> type[nn.Module]:
+    """The packed linear of a resolved kernel (`fused` or `torch`); both load the same tensors."""
+    if kernel == "fused":
+        from core.quant.fused import FusedInt4Linear
+
+        return FusedInt4Linear
+    if kernel != "torch":
+        raise ValueError(f"unresolved kernel {kernel!r} (expected fused or torch)")
+    return _gptqmodel()[1]
+
+
+def _empty_quant_linear(in_features: int, out_features: int, bias: bool, cfg: QuantizeConfig,
+                        kernel: str = "torch") -> nn.Module:
+    return _quant_linear_class(kernel)(
         bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.act_order,
         in_features=in_features, out_features=out_features, bias=bias, pack_dtype=torch.int32, register_buffers=True,
     )
@@ -70,7 +81,7 @@ def _empty_quant_linear(in_features: int, out_features: int, bias: bool, cfg: Qu
 def _finish_quant_linear(qlinear: nn.Module) -> None:
     # Marking it optimized skips TorchLinear's torch.compile of its dequantizer: on CPU that
     # compiles a C++ kernel per layer shape (seconds each), and on CUDA the Triton dequantizer
-    # is used anyway.
+    # is used anyway. The fused linear compiles nothing either way.
     qlinear.optimized = True
     qlinear.post_init()
     qlinear.eval()
