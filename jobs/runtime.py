@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -58,7 +59,11 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, logging_config=logging_config)
     else:
-        with quiet_ray_data_processes():
+        if not verbose():
+            logging.getLogger(_AUTH_LOGGER).addFilter(_no_token_auth_notice)
+        # One node that no cloud reclaims: Ray Train's per-training preemption watcher (an actor
+        # polling for node drains, which also logs a C++ error line each time it starts) has nothing to watch.
+        with quiet_ray_data_processes(), _environment(RAY_TRAIN_PREEMPTION_ENV, "0"):
             ray.init(
                 address="local",
                 num_cpus=cfg.num_cpus,
@@ -79,6 +84,29 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     quiet_ray_data()
 
 
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+RAY_TRAIN_PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def _no_token_auth_notice(record: logging.LogRecord) -> bool:
+    """Ray's notice, at each local start, that token authentication is on (the default it keeps)."""
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """`name=value` in the environment while a local instance starts (its processes inherit it),
+    unless the user set `name`; gone again after, for whatever this process starts later."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def quiet_ray_data() -> None:
     """Unless `--verbose`: no execution plan each time a dataset is read (every epoch, for each
     split; the datasets made from here on copy this context, wherever they are read), no line
@@ -89,6 +117,8 @@ def quiet_ray_data() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().print_on_execution_start = verbose()
+    if not verbose():  # Ray Train's own use of a Ray Data option it deprecates, once per training
+        warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
     for name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
         logging.getLogger(name).setLevel(logging.NOTSET if verbose() else logging.WARNING)
     for name, noise in (("ray.data.dataset", _no_cpu_warning), ("ray.data._internal.progress", _no_bars_warning)):
@@ -124,11 +154,8 @@ def quiet_ray_data_processes() -> Iterator[None]:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as part:
         part.write(yaml.safe_dump(config))
     os.replace(part.name, path)
-    os.environ[RAY_DATA_LOGGING_ENV] = str(path)
-    try:
+    with _environment(RAY_DATA_LOGGING_ENV, str(path)):
         yield
-    finally:
-        os.environ.pop(RAY_DATA_LOGGING_ENV, None)
 
 
 def _no_cpu_warning(record: logging.LogRecord) -> bool:

@@ -50,7 +50,14 @@ from core.config import RayConfig
 from jobs.runtime import init_ray, log_level
 init_ray(RayConfig(num_cpus=1))
 import os
-print("AFTER START", os.environ.get("RAY_DATA_LOGGING_CONFIG"))  # the workers have it; nothing later inherits it
+print("AFTER START", os.environ.get("RAY_DATA_LOGGING_CONFIG"),  # the workers have it; nothing later inherits it
+      os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
+print("WORKER", ray.get(ray.remote(lambda: os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")).remote()))
+import warnings
+from ray.data._internal.execution.interfaces.execution_options import ExecutionOptions, ExecutionResources
+with warnings.catch_warnings(record=True) as caught:  # under the filters in place (Ray's: once per module)
+    ExecutionOptions(exclude_resources=ExecutionResources.zero())  # as Ray Train builds its options
+print("DEPRECATION", len(caught))
 logging.getLogger("vidkd.extract").warning("extract: wrote 3 videos")
 logging.getLogger("ray.data.dataset").warning(
     "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
@@ -84,7 +91,10 @@ def test_the_driver_prints_its_lines_once_and_ray_data_quietly_unless_verbose(ve
         done = subprocess.run([sys.executable, "-c", LOG_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=180)
     assert done.returncode == 0 and "ROWS 3" in done.stdout and "SPLIT 8" in done.stdout, done.stderr[-2000:]
-    assert "AFTER START None" in done.stdout
+    assert "AFTER START None None" in done.stdout
+    assert "WORKER 0" in done.stdout, "a local instance's processes run Ray Train without its preemption watcher"
+    assert ("Token authentication is enabled" in done.stderr) == verbose  # Ray's notice at each local start
+    assert f"DEPRECATION {int(verbose)}" in done.stdout
     assert done.stderr.count("extract: wrote 3 videos") == 1, done.stderr[-2000:]
     assert ("Execution plan of Dataset" in done.stderr) == verbose, done.stderr[-2000:]
     assert ("execution finished" in done.stderr) == verbose, done.stderr[-2000:]
