@@ -63,7 +63,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
             logging.getLogger(_AUTH_LOGGER).addFilter(_no_token_auth_notice)
         # One node that no cloud reclaims: Ray Train's per-training preemption watcher (an actor
         # polling for node drains, which also logs a C++ error line each time it starts) has nothing to watch.
-        with quiet_ray_data_processes(), _environment(RAY_TRAIN_PREEMPTION_ENV, "0"):
+        with quiet_ray_data_processes(), temporary_env(RAY_TRAIN_PREEMPTION_ENV, "0"):
             ray.init(
                 address="local",
                 num_cpus=cfg.num_cpus,
@@ -94,9 +94,10 @@ def _no_token_auth_notice(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    """`name=value` in the environment while a local instance starts (its processes inherit it),
-    unless the user set `name`; gone again after, for whatever this process starts later."""
+def temporary_env(name: str, value: str) -> Iterator[None]:
+    """`name=value` in the environment for the block (a local instance's processes inherit what
+    is set while it starts), unless the user set `name`; gone again after, for whatever this
+    process starts later."""
     if name in os.environ:
         yield
         return
@@ -154,7 +155,7 @@ def quiet_ray_data_processes() -> Iterator[None]:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as part:
         part.write(yaml.safe_dump(config))
     os.replace(part.name, path)
-    with _environment(RAY_DATA_LOGGING_ENV, str(path)):
+    with temporary_env(RAY_DATA_LOGGING_ENV, str(path)):
         yield
 
 
