@@ -6,12 +6,15 @@ and how close does the calibrated default get at no search cost? A protocol fixe
 On bench/quality.py's data, target set, students, seeds and test split (`--config`), with what
 `--swap` changes, as `--set` overrides:
 1. Two teachers trained here on the teacher-only pool: A is quality.yaml's; B is A with the
-   `teacher_b` overrides (stronger, and trained at another temperature, so its cosines have
-   another scale and sharpness). Their test R@1, logit scales and calibrated temperatures.
+   `teacher_b` overrides (trained at another temperature, so its cosines have another scale and
+   sharpness; which of the two is stronger is measured, and has changed between runs). Their
+   test R@1, logit scales and calibrated temperatures.
 2. Students (TeachCLIP, the same settings otherwise, each seed paired with the no-teacher
    student of its seed):
      none            no teacher
      A @ A settings  teacher A with `a_settings` (what bench/quality.py chose on val for A)
+     A @ calibrated  teacher A with `calibrated`: the default on the first teacher, whose own
+                     strength moves between runs (so A's settings may not fit this run's A)
      B @ A settings  teacher B with A's settings: does the default transfer?
      B @ calibrated  teacher B with `calibrated` (temperatures solved on B's own embeddings)
      B @ tuned       teacher B with the best settings of the ASHA search below
@@ -44,7 +47,7 @@ from core.config import DistillConfig, load_config
 from protocol import Protocol, TeacherSetup, fmt, mean_std
 
 SWAP_KEYS = ("teacher_b", "a_settings", "calibrated", "tune")
-ROWS = ("none", "A @ A settings", "B @ A settings", "B @ calibrated", "B @ tuned")
+ROWS = ("none", "A @ A settings", "A @ calibrated", "B @ A settings", "B @ calibrated", "B @ tuned")
 
 
 def load_swap(path: str | Path) -> dict[str, list[str]]:
@@ -113,7 +116,8 @@ def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overri
         # the baseline is A's settings without a teacher: the same config (so the same cached
         # training) as bench/quality.py's no-teacher student of each seed
         plans = {"none": (teachers["A"], _no_teacher(a_settings)), "A @ A settings": (teachers["A"], a_settings),
-                 "B @ A settings": (teachers["B"], a_settings), "B @ calibrated": (teachers["B"], calibrated)}
+                 "B @ A settings": (teachers["B"], a_settings), "B @ calibrated": (teachers["B"], calibrated),
+                 "A @ calibrated": (teachers["A"], calibrated)}
         # the students that need no search first: a run stopped during the searches has them
         runs = _students(protocol, plans, seeds)
         partial = _summary(base, swap, seeds, teachers, calibration, runs, {}, {}, search_cfg, [])
@@ -242,6 +246,10 @@ def goal_lines(stats: dict[str, dict], search: dict[str, dict]) -> list[str]:
         out.append(f"- Tune recovers it: tuned − default = {tuned[0] - default[0]:+.1f} "
                    f"({'more' if tuned[0] - default[0] > margin else 'not more'} than twice the seed std, {margin:.1f}); "
                    f"B @ tuned {'beats' if tuned[0] > stats['A @ A settings']['r1'][0] else 'does not beat'} A @ A settings.")
+    if {"A @ calibrated", "A @ A settings"} <= set(stats):
+        out.append(f"- Calibrated on A: A @ calibrated {stats['A @ calibrated']['r1'][0]:.1f} against A @ A settings "
+                   f"{stats['A @ A settings']['r1'][0]:.1f} (gain over no teacher {stats['A @ calibrated']['gain'][0]:+.1f} "
+                   f"against {stats['A @ A settings']['gain'][0]:+.1f}).")
     if {"B @ calibrated", "B @ tuned"} <= set(stats):
         tuned_gain, cal_gain = stats["B @ tuned"]["gain"][0], stats["B @ calibrated"]["gain"][0]
         share = cal_gain / tuned_gain if tuned_gain > 0 else float("nan")

@@ -71,8 +71,8 @@ def test_replay_decides_as_rays_asha_bracket():
 def test_report_answers_each_question():
     runs = []
     for seed in (0, 1, 2):
-        for row, r1 in (("none", 10), ("A @ A settings", 14), ("B @ A settings", 12), ("B @ calibrated", 17),
-                        ("B @ tuned", 18)):
+        for row, r1 in (("none", 10), ("A @ A settings", 14), ("A @ calibrated", 15), ("B @ A settings", 12),
+                        ("B @ calibrated", 17), ("B @ tuned", 18)):
             runs.append({"row": row, "seed": seed, "t2v_R1": r1 + seed, "v2t_R1": 0.0, "val_R1": 20.0 + seed,
                          "tau_video": 0.05, "tau_frame": 1.0})
     search = {name: {"trials": 16, "trial_epochs": epochs, "best_val_R1": best, "wall_s": 1.0}
@@ -87,6 +87,7 @@ def test_report_answers_each_question():
     assert "tuned − default = +6.0 (more than twice the seed std, 2.0); B @ tuned beats A @ A settings" in text
     assert "(88% of it; goal 90%)" in text  # calibrated gain 7 of the tuned 8
     assert "3.2x fewer trial-epochs" in text
+    assert "- Calibrated on A: A @ calibrated 16.0 against A @ A settings 15.0 (gain over no teacher +5.0 against +4.0)." in text
 
 
 def test_the_report_before_the_searches_answers_what_it_can():
