@@ -86,7 +86,9 @@ def test_the_driver_prints_its_lines_once_and_ray_data_quietly_unless_verbose(ve
     process of a worker's split each epoch), and warns that it "will hang" whenever all CPUs are
     busy."""
     with tempfile.TemporaryDirectory(prefix="vk", dir="/tmp") as short:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", VERBOSE_ENV)}
+        # a fresh process as a user starts it: no RAY_AUTH_MODE, which Ray sets in the environment of
+        # a process whose local instance it started (this session's), and children then inherit
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", VERBOSE_ENV, "RAY_AUTH_MODE")}
         env.update(RAY_TMPDIR=short, PYTHONPATH=str(ROOT), **({VERBOSE_ENV: "1"} if verbose else {}))
         done = subprocess.run([sys.executable, "-c", LOG_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=180)
