@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -63,7 +64,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
             logging.getLogger(_AUTH_LOGGER).addFilter(_no_token_auth_notice)
         # One node that no cloud reclaims: Ray Train's per-training preemption watcher (an actor
         # polling for node drains, which also logs a C++ error line each time it starts) has nothing to watch.
-        with quiet_ray_data_processes(), temporary_env(RAY_TRAIN_PREEMPTION_ENV, "0"):
+        quiet_workers = contextlib.nullcontext() if verbose() else temporary_env("PYTHONWARNINGS", _RAY_TRAIN_DEPRECATION)
+        with quiet_ray_data_processes(), temporary_env(RAY_TRAIN_PREEMPTION_ENV, "0"), quiet_workers:
             ray.init(
                 address="local",
                 num_cpus=cfg.num_cpus,
@@ -86,6 +88,10 @@ def init_ray(cfg: RayConfig | None = None) -> None:
 
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 RAY_TRAIN_PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# Ray Train builds Ray Data options with one Ray deprecates, in the driver and in its actors (the
+# split coordinator): a warning per training. As a PYTHONWARNINGS filter the processes of a local
+# instance inherit it.
+_RAY_TRAIN_DEPRECATION = "ignore:`ExecutionOptions.exclude_resources` is deprecated"
 
 
 def _no_token_auth_notice(record: logging.LogRecord) -> bool:
@@ -119,7 +125,7 @@ def quiet_ray_data() -> None:
 
     DataContext.get_current().print_on_execution_start = verbose()
     if not verbose():  # Ray Train's own use of a Ray Data option it deprecates, once per training
-        warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
+        warnings.filterwarnings("ignore", message=re.escape(_RAY_TRAIN_DEPRECATION.split(":")[1]))
     for name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
         logging.getLogger(name).setLevel(logging.NOTSET if verbose() else logging.WARNING)
     for name, noise in (("ray.data.dataset", _no_cpu_warning), ("ray.data._internal.progress", _no_bars_warning)):

@@ -58,6 +58,16 @@ from ray.data._internal.execution.interfaces.execution_options import ExecutionO
 with warnings.catch_warnings(record=True) as caught:  # under the filters in place (Ray's: once per module)
     ExecutionOptions(exclude_resources=ExecutionResources.zero())  # as Ray Train builds its options
 print("DEPRECATION", len(caught))
+
+
+@ray.remote
+def deprecations():  # Ray Train's split coordinator builds the same options in an actor
+    with warnings.catch_warnings(record=True) as caught:
+        ExecutionOptions(exclude_resources=ExecutionResources.zero())
+    return len(caught)
+
+
+print("WORKER DEPRECATION", ray.get(deprecations.remote()))
 logging.getLogger("vidkd.extract").warning("extract: wrote 3 videos")
 logging.getLogger("ray.data.dataset").warning(
     "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
@@ -96,7 +106,7 @@ def test_the_driver_prints_its_lines_once_and_ray_data_quietly_unless_verbose(ve
     assert "AFTER START None None" in done.stdout
     assert "WORKER 0" in done.stdout, "a local instance's processes run Ray Train without its preemption watcher"
     assert ("Token authentication is enabled" in done.stderr) == verbose  # Ray's notice at each local start
-    assert f"DEPRECATION {int(verbose)}" in done.stdout
+    assert f"\nDEPRECATION {int(verbose)}" in done.stdout and f"WORKER DEPRECATION {int(verbose)}" in done.stdout
     assert done.stderr.count("extract: wrote 3 videos") == 1, done.stderr[-2000:]
     assert ("Execution plan of Dataset" in done.stderr) == verbose, done.stderr[-2000:]
     assert ("execution finished" in done.stderr) == verbose, done.stderr[-2000:]
