@@ -82,7 +82,7 @@ def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path
     settings = qcfg.model_dump(mode="json", exclude={"kernel"})
     name = f"{Path(checkpoint).stem}-int{qcfg.bits}-{digest(settings, 8)}"
     out_dir = Path(cfg.output_dir).resolve() / "models" / name
-    layer_reports, kernels = {}, {}
+    layer_reports = {}
     for method in methods:
         model = copy.deepcopy(student).to(device)
         quant = quantize_visual(model.clip.visual, calib, qcfg, method=method)
@@ -91,20 +91,19 @@ def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path
             save_quantized(model, out_dir, qcfg, student_meta(student), method=method)
             # evaluate what was written, not what is in memory
             model = load_quantized_student(out_dir, device, kernel=qcfg.kernel)
-            sizes[method] = size_report(model, out_dir)
+            sizes[method], kernel = size_report(model, out_dir), describe_kernels(model)
         else:
             set_kernel(model, qcfg.kernel)
             sizes[method] = size_report(model)
-        kernels[method] = describe_kernels(model)
         results[method] = evaluate_student(model, test, device)
 
     report = {"metrics": results, "sizes": sizes, "bits": qcfg.bits, "group_size": qcfg.group_size,
               "calib_images": len(calib), "checkpoint_bytes": Path(checkpoint).stat().st_size,
-              "gptq_seconds": layer_reports["gptq"]["seconds"], "kernel": kernels["gptq"]}
+              "gptq_seconds": layer_reports["gptq"]["seconds"], "kernel": kernel}
     text = format_report(report)
     log.warning("quantize:\n%s", text)
     if run:
-        run.log_params({"quantize_kernel_used": kernels["gptq"]})
+        run.log_params({"quantize_kernel_used": kernel})
         for method, metrics in results.items():
             run.log_metrics({f"{method}_{k}": v for k, v in metrics.items()})
         for method, size in sizes.items():

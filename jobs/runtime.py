@@ -63,9 +63,10 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         if not verbose():
             logging.getLogger(_AUTH_LOGGER).addFilter(_no_token_auth_notice)
         # One node that no cloud reclaims: Ray Train's per-training preemption watcher (an actor
-        # polling for node drains, which also logs a C++ error line each time it starts) has nothing to watch.
-        quiet_workers = contextlib.nullcontext() if verbose() else temporary_env("PYTHONWARNINGS", _RAY_TRAIN_DEPRECATION)
-        with quiet_ray_data_processes(), temporary_env(RAY_TRAIN_PREEMPTION_ENV, "0"), quiet_workers:
+        # polling for node drains, which also logs a C++ error line each time it starts) has
+        # nothing to watch.
+        with (quiet_ray_data_processes(), temporary_env(RAY_TRAIN_PREEMPTION_ENV, "0"),
+              quiet_env("PYTHONWARNINGS", f"ignore:{_RAY_TRAIN_DEPRECATION}")):
             ray.init(
                 address="local",
                 num_cpus=cfg.num_cpus,
@@ -91,7 +92,7 @@ RAY_TRAIN_PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Ray Train builds Ray Data options with one Ray deprecates, in the driver and in its actors (the
 # split coordinator): a warning per training. As a PYTHONWARNINGS filter the processes of a local
 # instance inherit it.
-_RAY_TRAIN_DEPRECATION = "ignore:`ExecutionOptions.exclude_resources` is deprecated"
+_RAY_TRAIN_DEPRECATION = "`ExecutionOptions.exclude_resources` is deprecated"
 
 
 def _no_token_auth_notice(record: logging.LogRecord) -> bool:
@@ -114,6 +115,11 @@ def temporary_env(name: str, value: str) -> Iterator[None]:
         os.environ.pop(name, None)
 
 
+def quiet_env(name: str, value: str) -> contextlib.AbstractContextManager:
+    """`temporary_env` unless `--verbose`: for a setting that only hides a library's output."""
+    return contextlib.nullcontext() if verbose() else temporary_env(name, value)
+
+
 def quiet_ray_data() -> None:
     """Unless `--verbose`: no execution plan each time a dataset is read (every epoch, for each
     split; the datasets made from here on copy this context, wherever they are read), no line
@@ -125,7 +131,7 @@ def quiet_ray_data() -> None:
 
     DataContext.get_current().print_on_execution_start = verbose()
     if not verbose():  # Ray Train's own use of a Ray Data option it deprecates, once per training
-        warnings.filterwarnings("ignore", message=re.escape(_RAY_TRAIN_DEPRECATION.split(":")[1]))
+        warnings.filterwarnings("ignore", message=re.escape(_RAY_TRAIN_DEPRECATION))
     for name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
         logging.getLogger(name).setLevel(logging.NOTSET if verbose() else logging.WARNING)
     for name, noise in (("ray.data.dataset", _no_cpu_warning), ("ray.data._internal.progress", _no_bars_warning)):

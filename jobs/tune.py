@@ -10,7 +10,6 @@ stops weak trials on val R@1 per epoch; Optuna proposes the next ones.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -32,7 +31,7 @@ from jobs.distill import check_table, log_calibration
 from jobs.trainer import (FIRST_STEP_KEY, TARGET_METRIC, LoopSpec, TuneSession, make_trainer, shuffled_blocks,
                           split_datasets, train_loop)
 from jobs.plots import metric_vs_params, trial_curves
-from jobs.runtime import cluster_cpus, init_ray, run_path, storage_path, temporary_env, verbose
+from jobs.runtime import cluster_cpus, init_ray, run_path, storage_path, quiet_env
 from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.tune")
@@ -225,7 +224,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     # Keeping one checkpoint per trial makes Tune snapshot its experiment state at every trial's
     # checkpoint (so that a resume never points at a deleted one), and warn whenever two come within
     # 5 s, which short epochs always do. On local storage a snapshot is a small file copy.
-    with contextlib.nullcontext() if verbose() else temporary_env(EXCESSIVE_SNAPSHOT_ENV, "0"):
+    with quiet_env(EXCESSIVE_SNAPSHOT_ENV, "0"):
         grid = tuner.fit()
 
     failures = [result.error for result in grid if result.error is not None]
