@@ -103,4 +103,9 @@ def test_the_report_before_the_searches_answers_what_it_can():
     text = format_report(summary)
     assert "| B @ calibrated | 0.05 | 1 | 18.0 ± 1.0 |" in text and "| 7.0 ± 0.0 |" in text
     assert "| B @ tuned |  |  |  |" in text  # its cells wait for the search
-    assert "Tune recovers" not in text and "ASHA:" not in text
+    assert "Tune recovers" not in text and "ASHA:" not in text and "replayed" not in text
+    # the default run's one search: ASHA alone, no replay table (that needs --compare-fifo's FIFO)
+    summary["search"] = {"asha": {"trials": 16, "trial_epochs": 100, "best_val_R1": 30.0, "wall_s": 1.0}}
+    text = format_report(summary)
+    assert "- ASHA: 100 trial-epochs, best val R@1 30.0 (the full-budget comparison is `--compare-fifo`'s)." in text
+    assert "replayed" not in text
