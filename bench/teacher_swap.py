@@ -26,7 +26,7 @@ On bench/quality.py's data, target set, students, seeds and test split (`--confi
    it is left out of the default run, which then fits the 90-minute budget.
 4. Seed noise: the std over seeds of the tuned student's val R@1.
 
-Every training and both searches are cached stages: a run that stops part-way continues where
+Every training and each search is a cached stage: a run that stops part-way continues where
 it stopped. The students that need no search train first, and their report is printed and saved
 (`<output_dir>/teacher_swap.partial.json`) before the searches start. Results: a Markdown report
 on stdout and `<output_dir>/teacher_swap.json`.
@@ -234,10 +234,9 @@ def format_report(summary: dict[str, Any]) -> str:
     if summary["replays"]:
         lines += ["", "ASHA replayed on the FIFO search's curves (trial-epochs, best val R@1):", "",
                   "| grace | factor | trial-epochs | saving | best val R@1 |", "|---|---|---|---|---|"]
-        fifo = search.get("fifo", {})
-        for r in summary["replays"]:
+        for r in summary["replays"]:  # replays are made only from a FIFO search
             lines.append(f"| {r['grace_period']} | {r['reduction_factor']} | {r['trial_epochs']} | "
-                         f"{fifo.get('trial_epochs', 0) / r['trial_epochs']:.1f}x | {r['best']:.1f} |")
+                         f"{search['fifo']['trial_epochs'] / r['trial_epochs']:.1f}x | {r['best']:.1f} |")
     lines += ["", *goal_lines(stats, search)]
     return "\n".join(lines)
 

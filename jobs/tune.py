@@ -31,7 +31,7 @@ from jobs.distill import check_table, log_calibration
 from jobs.trainer import (FIRST_STEP_KEY, TARGET_METRIC, LoopSpec, TuneSession, make_trainer, shuffled_blocks,
                           split_datasets, train_loop)
 from jobs.plots import metric_vs_params, trial_curves
-from jobs.runtime import cluster_cpus, init_ray, run_path, storage_path, quiet_env
+from jobs.runtime import cluster_cpus, init_ray, quiet_env, run_path, storage_path
 from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.tune")
