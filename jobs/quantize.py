@@ -24,6 +24,7 @@ from core.features import TableMeta, read_meta, read_table, stack_bytes, table_b
 from core.quant import describe_kernels, quantize_visual, save_quantized, set_kernel, size_report
 from core.student import VideoTextStudent, load_quantized_student, load_student, student_meta, to_precision
 from core.video import normalize_frames
+from jobs.runtime import import_quant_backend
 from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.quantize")
@@ -62,6 +63,7 @@ def calibration_images(table_dir: str | Path, meta: TableMeta, student: VideoTex
 def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path,
                  run: RunLogger | None = None) -> QuantizeResult:
     qcfg = cfg.quantize
+    import_quant_backend()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = read_meta(table_dir)
     student = load_student(checkpoint).eval()

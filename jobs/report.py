@@ -16,6 +16,7 @@ from core.metrics import retrieval_metrics
 from core.student import load_quantized_student, load_student
 from core.teachers import build_teacher
 from jobs.plots import similarity_heatmap
+from jobs.runtime import import_quant_backend
 from jobs.tracking import RunLogger
 
 
@@ -59,6 +60,7 @@ def _size_mb(path: str | Path) -> float:
 
 def final_report(cfg: VidkdConfig, table_dir: Path, teacher: TeacherConfig, student_ckpt: str, baseline_ckpt: str,
                  quant_dir: str, parent: RunLogger) -> dict[str, Any]:
+    import_quant_backend()
     meta = read_meta(table_dir)
     test = table_batches(table_dir, meta, "test")
     rows: dict[str, dict[str, float]] = {}

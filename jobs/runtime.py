@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -118,6 +120,33 @@ def temporary_env(name: str, value: str) -> Iterator[None]:
 def quiet_env(name: str, value: str) -> contextlib.AbstractContextManager:
     """`temporary_env` unless `--verbose`: for a setting that only hides a library's output."""
     return contextlib.nullcontext() if verbose() else temporary_env(name, value)
+
+
+@contextlib.contextmanager
+def quiet_output() -> Iterator[None]:
+    """Unless `--verbose`: what the block prints, to stdout or stderr, is held back, and shown
+    only if the block raises. For a library whose first import prints a banner and notices."""
+    if verbose():
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+
+
+def import_quant_backend() -> None:
+    """gptqmodel, imported once before a stage quantizes or loads an INT4 student: its first
+    import prints a banner, a version table and environment notices, shown only at `--verbose`,
+    and its own logger ("logbar") logs at the stages' level from then on."""
+    from core.quant import import_backend
+
+    with quiet_output():
+        import_backend()
+    logging.getLogger("logbar").setLevel(log_level())
 
 
 def quiet_ray_data() -> None:

@@ -145,3 +145,24 @@ def test_a_training_worker_shows_no_info_lines_of_model_building_unless_verbose(
         root.removeHandler(handler)
     assert any("Parsing model identifier" in r.getMessage() for r in records) == verbose
     assert context.print_on_execution_start == verbose
+
+
+QUANT_PROBE = """
+import logging
+from jobs.runtime import import_quant_backend
+import_quant_backend()
+import gptqmodel, core.quant.fused
+print("LOGBAR", logging.getLevelName(logging.getLogger("logbar").level))
+"""
+
+
+def test_gptqmodel_imports_without_its_banner():
+    """gptqmodel's first import prints a banner, a version table and environment notices (on
+    stdout and stderr); a stage imports it inside `import_quant_backend`, which holds them back
+    unless `--verbose` and then keeps its logger at the stages' level."""
+    env = {k: v for k, v in os.environ.items() if k != VERBOSE_ENV}
+    env.update(PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", QUANT_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (done.stdout + done.stderr).strip() == "LOGBAR WARNING", (done.stdout + done.stderr)[-2000:]

@@ -22,7 +22,8 @@ model) and `quantize_config.json` (quantization settings, which modules are pack
 caller's `model_meta` needed to rebuild the unquantized skeleton).
 
 gptqmodel is imported lazily: importing it takes several seconds and sets process-wide
-environment variables, a cost only quantizing and loading should pay.
+environment variables, a cost only quantizing and loading should pay (`import_backend` pays it
+at a moment of the caller's choosing, which can hide what that first import prints).
 
 Modules: `packing` (gptqmodel's packed linears, the settings they pack, module helpers), `gptq`
 (the attention swap, the blocks, GPTQ/RTN on one linear and over the tower), `kernels` (which
@@ -35,10 +36,10 @@ from core.quant.gptq import (LayerQuantizer, QKVAttention, QuantResult, block_li
                              quantize_visual, replace_multihead_attention)
 from core.quant.kernels import (KERNELS, describe_kernels, fused_unsupported, kernels_used, resolve_kernel,
                                 set_kernel)
-from core.quant.packing import CONFIG_FILE, WEIGHTS_FILE, Method
+from core.quant.packing import CONFIG_FILE, WEIGHTS_FILE, Method, import_backend
 from core.quant.size import size_report
 
 __all__ = ["CONFIG_FILE", "KERNELS", "WEIGHTS_FILE", "LayerQuantizer", "Method", "QKVAttention", "QuantResult",
-           "block_linear_names", "describe_kernels", "find_vision_blocks", "fused_unsupported", "kernels_used",
-           "load_quantized", "quantize_visual", "quantized_module_names", "read_quantize_config",
+           "block_linear_names", "describe_kernels", "find_vision_blocks", "fused_unsupported", "import_backend",
+           "kernels_used", "load_quantized", "quantize_visual", "quantized_module_names", "read_quantize_config",
            "replace_multihead_attention", "resolve_kernel", "save_quantized", "set_kernel", "size_report"]

@@ -27,6 +27,14 @@ BLOCK_LAYOUTS: tuple[tuple[str, ...], ...] = (
 SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def import_backend() -> None:
+    """Import every part of gptqmodel that quantizing and loading use, now: the first import of
+    gptqmodel prints a banner, a version table and environment notices, and a caller that would
+    rather not show them (the stages, unless `--verbose`) wraps this call. Later imports are free."""
+    _gptqmodel()
+    import core.quant.fused  # noqa: F401  (imports gptqmodel's fused linear)
+
+
 def _gptqmodel():
     import gptqmodel.quantization as quantization
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
