@@ -125,17 +125,25 @@ def quiet_env(name: str, value: str) -> contextlib.AbstractContextManager:
 @contextlib.contextmanager
 def quiet_output() -> Iterator[None]:
     """Unless `--verbose`: what the block prints, to stdout or stderr, is held back, and shown
-    only if the block raises. For a library whose first import prints a banner and notices."""
+    only if the block raises. For a library whose first import prints a banner and notices. A
+    logging handler made inside the block (a library's `basicConfig`) writes to the real stream
+    after it."""
     if verbose():
         yield
         return
-    held = io.StringIO()
+    held = {"stdout": io.StringIO(), "stderr": io.StringIO()}
     try:
-        with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+        with contextlib.redirect_stdout(held["stdout"]), contextlib.redirect_stderr(held["stderr"]):
             yield
     except BaseException:
-        sys.stderr.write(held.getvalue())
+        sys.stderr.write(held["stdout"].getvalue() + held["stderr"].getvalue())
         raise
+    finally:
+        real = {id(buffer): getattr(sys, name) for name, buffer in held.items()}
+        loggers = [logging.getLogger()] + [logging.getLogger(name) for name in logging.root.manager.loggerDict]
+        for handler in {h for lg in loggers for h in getattr(lg, "handlers", [])}:
+            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in real:
+                handler.setStream(real[id(handler.stream)])
 
 
 def import_quant_backend() -> None:
@@ -214,7 +222,7 @@ def quiet_training_worker() -> None:
     lines (open_clip's, at each model build) would show: back to the driver's level. And no
     per-report dump of every metric from Ray Train's context, whose logger is named after its
     file. (The datasets it reads carry their own no-progress-bar context from
-    `jobs.distill.split_datasets`.)"""
+    `jobs.trainer.split_datasets`.)"""
     logging.getLogger().setLevel(log_level())
     quiet_ray_data()
     try:

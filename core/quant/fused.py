@@ -10,7 +10,7 @@ gptqmodel's forward also sets torch._inductor's `freezing` and `max_autotune` fo
 when it first repacks; vidkd compiles nothing, so nothing here depends on it.
 
 This module imports gptqmodel at the top: `core.quant.packing` imports it only when a fused
-layer is built.
+layer is built, or when a caller imports the whole backend up front (`import_backend`).
 """
 
 from __future__ import annotations
