@@ -138,16 +138,36 @@ def run_job(jobs, text: str) -> str:
 
 
 @pytest.mark.own_ray_cluster
-def test_cluster_down_stops_only_its_own_head():
-    """`vidkd cluster up` and `down` beside an unrelated Ray head (another user's job, another test
-    run): ours is gone, the unrelated one still runs jobs."""
+def test_a_job_submitted_to_our_head_and_cluster_down_beside_an_unrelated_head(tmp_path):
+    """`vidkd cluster up`, `vidkd submit distill`, wait, read the logs, `vidkd jobs list`, `vidkd
+    cluster down`, all beside an unrelated Ray head (another user's job, another test run). The job
+    runs the stages up to distill (synthetic data, Ray Data extraction, Ray Train), each as `vidkd
+    pipeline` runs it; the whole pipeline, quantization included, is tests/test_pipeline.py's.
+    Submission is the same for every stage: the entrypoint is `vidkd <stage>`. Then our head is
+    gone, and the unrelated one still runs jobs."""
+    import ray
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from cluster import submit
     from cluster.submit import client
+    from tests.test_pipeline import pipeline_raw
+
+    ray.shutdown()  # the session's local instance: its CPUs go to the heads this test starts
+    raw = pipeline_raw(tmp_path)
+    raw["ray"] = {"address": None, "num_cpus": None}
+    # A ready-made teacher (the pipeline test covers teacher training).
+    raw["teacher_training"] = None
+    raw["extract"]["teacher"] = {"kind": "open_clip", "name": "vidkd-vit-micro"}
+    raw["data"]["synth"]["videos"] = 20
+    config = tmp_path / "submitted.yaml"
+    config.write_text(yaml.safe_dump(raw))
 
     env = {**os.environ, "RAY_ADDRESS": ""}
     # Under the system temp dir itself: Ray's socket paths below its temp dir must fit in 107 bytes.
     other_tmp = tempfile.mkdtemp(prefix="vidkd-ray-")
     other_port, other_dashboard = free_port(), free_port()
-    other = None
+    other, port = None, None
     try:
         subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={other_port}",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={other_dashboard}",
@@ -160,7 +180,7 @@ def test_cluster_down_stops_only_its_own_head():
         assert len(other_core) == 2
 
         port, dashboard = free_port(), free_port()
-        up = subprocess.run(VIDKD + ["cluster", "up", "--num-cpus", "1", "--port", str(port),
+        up = subprocess.run(VIDKD + ["cluster", "up", "--num-cpus", "4", "--port", str(port),
                                      "--dashboard-port", str(dashboard)],
                             cwd=ROOT, env=env, timeout=180, capture_output=True, text=True)
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
@@ -170,7 +190,24 @@ def test_cluster_down_stops_only_its_own_head():
         names = {p.name() for p in own_processes}
         assert own.port == port and {"gcs_server", "raylet"} <= names and len(own_processes) >= 5, names
         assert not {p.pid for p in own_processes} & {p.pid for p in other.processes()}
-        assert run_job(client(own.address), "ours") == "SUCCEEDED"  # its job agent runs beside the other's
+
+        # Its job agent runs beside the other's: the submitted distill job.
+        address = f"http://127.0.0.1:{dashboard}"
+        job = submit.submit(address, "distill", str(config), tracking_uri=f"sqlite:///{tmp_path / 'job-mlflow.db'}")
+        state = submit.wait(address, job, timeout_s=900)
+        logs = submit.logs(address, job)
+        assert state == "SUCCEEDED", logs[-3000:]
+        assert "best student:" in logs, logs[-3000:]
+        listed = subprocess.run(VIDKD + ["jobs", "list", "--address", address], capture_output=True, text=True,
+                                cwd=ROOT, env=env, check=True).stdout
+        assert job in listed and "SUCCEEDED" in listed
+        tracking = MlflowClient(f"sqlite:///{tmp_path / 'job-mlflow.db'}")
+        runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()],
+                                    filter_string="tags.`vidkd.stage` = 'distill'")
+        [stage_run] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # not its training child
+        params = stage_run.data.params  # the key settings, as on a pipeline run: comparable in the runs table
+        assert params["student"] == raw["distill"]["student"]["model"] and params["objective"] == "teachclip"
+        own_processes = own.processes()  # with the job's workers, which must end with the head
 
         down = subprocess.run(VIDKD + ["cluster", "down"], cwd=ROOT, env=env, timeout=120, capture_output=True,
                               text=True)
@@ -187,6 +224,8 @@ def test_cluster_down_stops_only_its_own_head():
                                text=True)
         assert again.returncode == 0 and "no Ray head started by `vidkd cluster up` is running" in again.stdout
     finally:
+        if port is not None and any(head.port == port for head in local.recorded_heads()):  # a failure above
+            subprocess.run(VIDKD + ["cluster", "down", "--port", str(port)], cwd=ROOT, env=env, timeout=120)
         if other is not None:
             local.stop_head(other)
         shutil.rmtree(other_tmp, ignore_errors=True)

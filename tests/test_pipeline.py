@@ -1,23 +1,18 @@
-"""The whole workflow on a tiny config: as one command, through the MLflow server and UI, and as
-a Ray job submitted to a local head."""
+"""The whole workflow on a tiny config: as one command, and through the MLflow server and UI. (As a
+Ray job submitted to a local head: tests/test_cluster_local.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from jobs.pipeline import run_pipeline
 from tests.conftest import page_text, tiny_config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -100,53 +95,6 @@ def test_mlflow_server_shows_the_run_tree(pipeline_run):
         assert f"{len(runs)} matching runs" in text, text[:2000]
     finally:
         stop_process_group(server)
-
-
-@pytest.mark.own_ray_cluster
-def test_submit_pipeline_to_a_local_head(tmp_path):
-    """`vidkd cluster up`, `vidkd submit distill`, wait, read the logs, `vidkd cluster down`. The
-    job runs the stages up to distill (synthetic data, Ray Data extraction, Ray Train), each as
-    `vidkd pipeline` runs it; the whole pipeline, quantization included, is the test above's.
-    Submission is the same for every stage: the entrypoint is `vidkd <stage>`."""
-    import ray
-
-    ray.shutdown()  # the session's local instance: its CPUs go to the head this test starts
-    raw = pipeline_raw(tmp_path)
-    raw["ray"] = {"address": None, "num_cpus": None}
-    # A ready-made teacher (the pipeline above covers teacher training).
-    raw["teacher_training"] = None
-    raw["extract"]["teacher"] = {"kind": "open_clip", "name": "vidkd-vit-micro"}
-    raw["data"]["synth"]["videos"] = 20
-    config = tmp_path / "submitted.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    dashboard = free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    vidkd = [sys.executable, "-m", "cluster.cli"]
-    subprocess.run(vidkd + ["cluster", "up", "--num-cpus", "4", "--dashboard-port", str(dashboard),
-                            "--port", str(free_port())], check=True, cwd=ROOT, env=env, timeout=180)
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        from cluster import submit
-
-        job = submit.submit(address, "distill", str(config),
-                            tracking_uri=f"sqlite:///{tmp_path / 'job-mlflow.db'}")
-        state = submit.wait(address, job, timeout_s=900)
-        logs = submit.logs(address, job)
-        assert state == "SUCCEEDED", logs[-3000:]
-        assert "best student:" in logs, logs[-3000:]
-        listed = subprocess.run(vidkd + ["jobs", "list", "--address", address], capture_output=True, text=True,
-                                cwd=ROOT, env=env, check=True).stdout
-        assert job in listed and "SUCCEEDED" in listed
-        from mlflow.tracking import MlflowClient
-
-        tracking = MlflowClient(f"sqlite:///{tmp_path / 'job-mlflow.db'}")
-        runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()],
-                                    filter_string="tags.`vidkd.stage` = 'distill'")
-        [stage_run] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # not its training child
-        params = stage_run.data.params  # the key settings, as on a pipeline run: comparable in the runs table
-        assert params["student"] == raw["distill"]["student"]["model"] and params["objective"] == "teachclip"
-    finally:
-        subprocess.run(vidkd + ["cluster", "down"], cwd=ROOT, env=env, timeout=120)
 
 
 def api(base: str, path: str, body: dict | None = None) -> dict:
