@@ -25,7 +25,6 @@ import ray
 import torch
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
-from ray.data.expressions import col
 
 from core import features
 from core.config import ExtractConfig, RayConfig, TeacherConfig, VidkdConfig
@@ -102,7 +101,6 @@ class ExtractResult:
     meta: TableMeta
     failures: list[dict[str, str]]
     cache_hit: bool
-    dataset: Any = None  # the good rows, a view of the blocks kept in the object store (None on a cache hit)
     seconds: float = 0.0
 
     @property
@@ -279,12 +277,13 @@ def _build_table(
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )
-    decoded = ds.materialize()  # kept in the object store for a caller in this job
-
     staging = features.staging_dir(table_dir)
-    sink = TableSink(staging)  # one more pass: the Parquet files, and the failures split off
+    # One streaming pass: decoded, encoded, written, the failures split off; the object store holds
+    # only the blocks in flight. The writes take no CPU of their own: on CPU the teacher's actors
+    # hold every CPU, and a write waiting for one would let encoded blocks pile up.
+    sink = TableSink(staging)
     try:
-        decoded.write_datasink(sink)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -309,8 +308,7 @@ def _build_table(
     log.warning(
         "extract: wrote %d videos (%d failures) to %s in %.1fs", sum(counts.values()), len(failures), table_dir, seconds
     )
-    good = decoded.filter(expr=col(TableSink.ERROR).is_null()).drop_columns([TableSink.ERROR])
-    return ExtractResult(table_dir, meta, failures, cache_hit=False, dataset=good, seconds=seconds)
+    return ExtractResult(table_dir, meta, failures, cache_hit=False, seconds=seconds)
 
 
 def _log_result(run: RunLogger, result: ExtractResult) -> None:

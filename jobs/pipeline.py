@@ -80,8 +80,7 @@ class Context:
     given_table: Path | None = None
     given_checkpoint: Path | None = None
     restart_tune: bool = False
-    extracted: Any = None  # the ExtractResult built in this command (its rows may sit in the object store)
-    datasets: dict | None = None  # the table's splits as Ray Datasets, when extract built them here
+    datasets: dict | None = None  # the table's splits as Ray Datasets, when extract ran in this job
     _records: list[VideoRecord] | None = None
 
     @property
@@ -177,9 +176,8 @@ def _build_extract(ctx: Context) -> dict:
     run = ctx.child("extract")
     with run.running():
         table = run_extract(ctx.cfg, ctx.records, teacher=ctx.teacher, run=run)
-    ctx.extracted = table
-    if table.dataset is not None:  # the same job keeps the table in the object store
-        ctx.datasets = split_datasets(table.dataset, table.meta, ctx.cfg.distill.train_splits)
+    if not table.cache_hit:  # read back once for the stages after it: Tune's trials and distill share them
+        ctx.datasets = split_datasets(table.table_dir, table.meta, ctx.cfg.distill.train_splits)
     return {"table_dir": str(table.table_dir), "videos": table.num_videos, "failures": len(table.failures)}
 
 
