@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
 import warnings
@@ -67,7 +68,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         # One node that no cloud reclaims: Ray Train's per-training preemption watcher (an actor
         # polling for node drains, which also logs a C++ error line each time it starts) has
         # nothing to watch.
-        with (quiet_ray_data_processes(), temporary_env(RAY_TRAIN_PREEMPTION_ENV, "0"),
+        with (quiet_ray_data_processes(), temporary_env(RAY_TRAIN_PREEMPTION_ENV, "0"), own_address_for_processes(),
               quiet_env("PYTHONWARNINGS", f"ignore:{_RAY_TRAIN_DEPRECATION}")):
             ray.init(
                 address="local",
@@ -89,6 +90,32 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     quiet_ray_data()
 
 
+@contextlib.contextmanager
+def own_address_for_processes() -> Iterator[None]:
+    """Around the start of a local instance: its GCS on a port chosen here, and that address as
+    $RAY_ADDRESS in the environment its processes inherit. Ray's state API, called without an
+    address inside a worker (Ray Train's placement-group cleaner polls it), otherwise looks for
+    the instance among every GCS running on the machine, and with another user's beside it fails
+    with "Found multiple active Ray instances" (a traceback, and a cleaner that no longer runs).
+    This process's own environment is as it was after: a later `init_ray` must not join an
+    instance that has been shut down."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    saved = {name: os.environ.get(name) for name in (_GCS_PORT_ENV, "RAY_ADDRESS")}
+    os.environ[_GCS_PORT_ENV] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 RAY_TRAIN_PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Ray Train builds Ray Data options with one Ray deprecates, in the driver and in its actors (the

@@ -53,6 +53,9 @@ import os
 print("AFTER START", os.environ.get("RAY_DATA_LOGGING_CONFIG"),  # the workers have it; nothing later inherits it
       os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
 print("WORKER", ray.get(ray.remote(lambda: os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")).remote()))
+# the workers' state API finds this instance, not any other on the machine; the driver's env is as it was
+own = ray.get(ray.remote(lambda: os.environ.get("RAY_ADDRESS")).remote()) == ray.get_runtime_context().gcs_address
+print("OWN ADDRESS", own, os.environ.get("RAY_ADDRESS"), os.environ.get("RAY_GCS_SERVER_PORT"))
 import warnings
 from ray.data._internal.execution.interfaces.execution_options import ExecutionOptions, ExecutionResources
 with warnings.catch_warnings(record=True) as caught:  # under the filters in place (Ray's: once per module)
@@ -104,6 +107,7 @@ def test_the_driver_prints_its_lines_once_and_ray_data_quietly_unless_verbose(ve
                               timeout=180)
     assert done.returncode == 0 and "ROWS 3" in done.stdout and "SPLIT 8" in done.stdout, done.stderr[-2000:]
     assert "AFTER START None None" in done.stdout
+    assert "OWN ADDRESS True None None" in done.stdout, done.stdout[-2000:]
     assert "WORKER 0" in done.stdout, "a local instance's processes run Ray Train without its preemption watcher"
     assert ("Token authentication is enabled" in done.stderr) == verbose  # Ray's notice at each local start
     assert f"\nDEPRECATION {int(verbose)}" in done.stdout and f"WORKER DEPRECATION {int(verbose)}" in done.stdout
