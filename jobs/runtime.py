@@ -167,8 +167,9 @@ def quiet_output() -> Iterator[None]:
         raise
     finally:
         real = {id(buffer): getattr(sys, name) for name, buffer in held.items()}
-        loggers = [logging.getLogger()] + [logging.getLogger(name) for name in logging.root.manager.loggerDict]
-        for handler in {h for lg in loggers for h in getattr(lg, "handlers", [])}:
+        named = logging.root.manager.loggerDict.values()  # placeholders of dotted names are not loggers
+        loggers = [logging.root, *(lg for lg in named if isinstance(lg, logging.Logger))]
+        for handler in {h for lg in loggers for h in lg.handlers}:
             if isinstance(handler, logging.StreamHandler) and id(handler.stream) in real:
                 handler.setStream(real[id(handler.stream)])
 
