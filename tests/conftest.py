@@ -75,7 +75,7 @@ def tiny_config(tmp: Path, manifest: Path, **sections):
     raw = {
         "data": {"manifest": str(manifest), "root": str(manifest.parent)},
         "extract": {"num_frames": 4, "image_size": 32, "cache_dir": str(tmp / "features"), "decode_batch_size": 8,
-                    "encode_batch_size": 8},
+                    "encode_batch_size": 8, "num_actors": 1},
         "distill": {"student": {"model": "vidkd-vit-micro"}, "epochs": 2, "batch_size": 8, "num_workers": 2,
                     "lr": 5e-4, "lr_new": 1e-3, "storage_dir": str(tmp / "train"), "eval_batch_size": 16},
         "tune": {"storage_dir": str(tmp / "tune")},
