@@ -5,10 +5,11 @@ and how close does the calibrated default get at no search cost? A protocol fixe
 
 On bench/quality.py's data, target set, students, seeds and test split (`--config`), with what
 `--swap` changes, as `--set` overrides:
-1. Two teachers trained here on the teacher-only pool: A is quality.yaml's; B is A with the
-   `teacher_b` overrides (trained at another temperature, so its cosines have another scale and
-   sharpness; which of the two is stronger is measured, and has changed between runs). Their
-   test R@1, logit scales and calibrated temperatures.
+1. Two teachers trained here on the teacher-only pool: A is quality.yaml's; B is A's training with
+   the `teacher_b` overrides, where `{teacher_a}` stands for A's checkpoint. The default B starts
+   from A's weights and trains further at another temperature: stronger by construction, with
+   another similarity scale and sharpness (how much stronger is measured). Their test R@1, logit
+   scales and calibrated temperatures.
 2. Students (TeachCLIP, the same settings otherwise, each seed paired with the no-teacher
    student of its seed):
      none            no teacher
@@ -64,6 +65,15 @@ def load_swap(path: str | Path) -> dict[str, list[str]]:
     return raw
 
 
+TEACHER_A = "{teacher_a}"
+
+
+def teacher_b_overrides(swap: dict[str, list[str]], teacher_a: Any) -> list[str]:
+    """The `teacher_b` overrides, with `{teacher_a}` standing for teacher A's checkpoint (a B that
+    starts from A's weights: trained further, it is stronger by construction)."""
+    return [o.replace(TEACHER_A, str(teacher_a.path)) for o in swap["teacher_b"]]
+
+
 def replay_asha(curves: list[list[float]], max_t: int, grace: int, factor: int, concurrency: int) -> dict[str, float]:
     """Asynchronous successive halving replayed on full per-epoch curves, as Ray's ASHA decides
     (one bracket; at each rung a trial stops when its value is below the (1 - 1/factor)
@@ -103,7 +113,6 @@ def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overri
     from jobs.tune import run_tune
 
     base = load_config(cfg_path, overrides)
-    b_cfg = load_config(cfg_path, overrides + swap["teacher_b"])
     a_settings = load_config(cfg_path, overrides + swap["a_settings"]).distill
     calibrated = load_config(cfg_path, overrides + swap["calibrated"]).distill
     search_cfg = load_config(cfg_path, overrides + swap["calibrated"] + swap["tune"])
@@ -112,7 +121,9 @@ def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overri
                               output_dir=base.output_dir)
     with parent.running():
         protocol = Protocol(base, parent)
-        teachers = {"A": protocol.teacher(), "B": protocol.teacher(b_cfg.teacher_training, "teacher-b")}
+        teachers = {"A": protocol.teacher()}
+        b_cfg = load_config(cfg_path, overrides + teacher_b_overrides(swap, teachers["A"].teacher))
+        teachers["B"] = protocol.teacher(b_cfg.teacher_training, "teacher-b")
         calibration = {name: _calibration(calibrated, setup) for name, setup in teachers.items()}
 
         # the baseline is A's settings without a teacher: the same config (so the same cached

@@ -127,6 +127,9 @@ class ExtractConfig(_Strict):
 class StudentConfig(_Strict):
     model: str = "vidkd-vit-tiny"  # an open_clip model name (configs in core/models/ included)
     pretrained: str | None = None  # open_clip tag or local checkpoint for the CLIP towers
+    # A vidkd checkpoint of the same model whose weights this training starts from (fine-tuning a
+    # trained student or teacher). Its logit scale is not taken: the training's temperature sets it.
+    init_from: str | None = None
     temporal_layers: int = Field(1, ge=0, le=12)
     afa_hidden: int | None = Field(None, ge=1)  # default: the embedding width
     # AFA pools frames with softmax(score / afa_pool_temperature); FgT trains softmax(score).

@@ -232,9 +232,30 @@ def _init_new_weights(module: nn.Module) -> None:
 # --------------------------------------------------------------------------- build, save, load
 def build_student(cfg: StudentConfig, num_frames: int, temperature: float = 0.07,
                   teacher_dim: int | None = None) -> VideoTextStudent:
-    """A student on `cfg.model`, with CLIP weights from `cfg.pretrained` when set."""
+    """A student on `cfg.model`, with CLIP weights from `cfg.pretrained` when set, and every weight
+    but the logit scale from the vidkd checkpoint `cfg.init_from` when set."""
     clip, tokenizer = create_clip(cfg.model, cfg.pretrained)
-    return VideoTextStudent(clip, tokenizer, cfg, num_frames, temperature, teacher_dim)
+    model = VideoTextStudent(clip, tokenizer, cfg, num_frames, temperature, teacher_dim)
+    if cfg.init_from:
+        init_from_checkpoint(model, cfg.init_from)
+    return model
+
+
+LOGIT_SCALE_KEY = "clip.logit_scale"
+
+
+def init_from_checkpoint(model: VideoTextStudent, path: str | Path) -> None:
+    """Load a vidkd checkpoint's weights into `model`, all of them but the logit scale (which the
+    new training's temperature set). The checkpoint must hold the same architecture."""
+    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"init_from {path}: not a vidkd student checkpoint (expected format {CHECKPOINT_FORMAT})")
+    state = {k: v for k, v in checkpoint["state_dict"].items() if k != LOGIT_SCALE_KEY}
+    own = {k for k in model.state_dict() if k != LOGIT_SCALE_KEY}
+    if set(state) != own or any(state[k].shape != model.state_dict()[k].shape for k in own):
+        raise ValueError(f"init_from {path}: holds a {checkpoint['config'].get('model')} student with "
+                         f"{checkpoint['num_frames']} frames and other weights than this {model.config.model} one")
+    model.load_state_dict(state, strict=False)
 
 
 def save_student(model: VideoTextStudent, path: str | Path, extra: dict | None = None) -> Path:
@@ -295,7 +316,7 @@ def student_meta(student: VideoTextStudent) -> dict[str, Any]:
 
 
 def build_student_skeleton(meta: dict[str, Any]) -> VideoTextStudent:
-    cfg = StudentConfig.model_validate({**meta["student"], "pretrained": None})
+    cfg = StudentConfig.model_validate({**meta["student"], "pretrained": None, "init_from": None})
     return build_student(cfg, meta["num_frames"], teacher_dim=meta["teacher_dim"])
 
 

@@ -33,10 +33,15 @@ def check_inputs(cfg: VidkdConfig, stage: str, table: Path | None = None, checkp
         warnings = _check_dataset(cfg)
     if cfg.teacher_training is None and (reads_data or cfg.distill.teacher_mode == "online"):
         _check_teacher(cfg.extract.teacher)
+    students = []
     if stage in ("distill", "tune", "pipeline"):
-        _check_weights(cfg.distill.student.pretrained, "distill.student.pretrained")
+        students.append(("distill.student", cfg.distill.student))
     if cfg.teacher_training is not None and reads_data:
-        _check_weights(cfg.teacher_training.distill.student.pretrained, "teacher_training.distill.student.pretrained")
+        students.append(("teacher_training.distill.student", cfg.teacher_training.distill.student))
+    for field, student in students:
+        _check_weights(student.pretrained, f"{field}.pretrained")
+        if student.init_from:
+            _check_path(Path(student.init_from), f"{field}.init_from", "file")
     return warnings
 
 

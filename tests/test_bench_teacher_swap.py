@@ -9,14 +9,20 @@ import pytest
 from core.config import load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from teacher_swap import format_report, load_swap, replay_asha  # noqa: E402
+from teacher_swap import format_report, load_swap, replay_asha, teacher_b_overrides  # noqa: E402
 
 
 def test_the_swap_overrides_are_valid_configs():
+    from core.config import TeacherConfig
+
     swap = load_swap("configs/teacher_swap.yaml")
     base = load_config("configs/quality.yaml")
-    b = load_config("configs/quality.yaml", swap["teacher_b"])
+    teacher_a = TeacherConfig(kind="vidkd", path="runs/quality/models/teacher-0123.pt")
+    b = load_config("configs/quality.yaml", teacher_b_overrides(swap, teacher_a))
     assert b.teacher_training.distill.loss.temperature != base.teacher_training.distill.loss.temperature
+    # B starts from A's weights, at the same architecture
+    assert b.teacher_training.distill.student.init_from == teacher_a.path
+    assert b.teacher_training.distill.student.model == base.teacher_training.distill.student.model
     a = load_config("configs/quality.yaml", swap["a_settings"]).distill.loss
     assert (a.tau_video, a.tau_frame) == (0.05, 1.0)
     calibrated = load_config("configs/quality.yaml", swap["calibrated"]).distill.loss

@@ -120,6 +120,9 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
                                           f"--checkpoint: {data} is a directory, not a file"),
         "not a feature table": (["distill", "--table", str(data), *with_good],
                                 f"--table {data}: not a complete feature table"),
+        "a missing checkpoint to start from": (["distill", *with_good, "--set",
+                                                f"distill.student.init_from={tmp / 'trained.pt'}"],
+                                               f"distill.student.init_from: {tmp / 'trained.pt'} not found"),
         "a bad setting": (["distill", *with_good, "--set", "distill.lr=0"],
                           "distill.lr: Input should be greater than 0"),
     }
@@ -127,7 +130,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 CASES = ["non-UTF-8 bytes", "a directory as the manifest", "a directory as every video", "a video listed twice",
          "no captions", "a relative manifest in a config", "a missing teacher", "missing MSRVTT files",
-         "a directory as the checkpoint", "not a feature table", "a bad setting"]
+         "a directory as the checkpoint", "not a feature table", "a missing checkpoint to start from", "a bad setting"]
 
 
 @pytest.mark.parametrize("case", CASES)

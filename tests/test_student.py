@@ -186,6 +186,25 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(expected.projected_video_emb, actual.projected_video_emb)
 
 
+def test_init_from_starts_a_training_from_a_checkpoint_at_its_own_temperature(tmp_path):
+    """Fine-tuning a trained model at another temperature: every weight from the checkpoint, the
+    logit scale from the new temperature (1 / 0.02 = 50, not the checkpoint's 1 / 0.07)."""
+    trained = make_student(seed=3)
+    path = save_student(trained, tmp_path / "trained.pt")
+    torch.manual_seed(9)
+    cfg = StudentConfig(model="vidkd-vit-micro", init_from=str(path))
+    started = build_student(cfg, num_frames=FRAMES, temperature=0.02)
+    assert float(started.logit_scale) == pytest.approx(50.0) and float(trained.logit_scale) == pytest.approx(1 / 0.07)
+    ours, theirs = started.state_dict(), trained.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k != "clip.logit_scale")
+
+    with pytest.raises(ValueError, match="other weights than this vidkd-vit-micro one"):
+        build_student(cfg.model_copy(update={"temporal_layers": 2}), num_frames=FRAMES)
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a vidkd student checkpoint"):
+        build_student(cfg.model_copy(update={"init_from": str(tmp_path / "other.pt")}), num_frames=FRAMES)
+
+
 def test_load_rejects_other_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_student(tmp_path / "missing.pt")
