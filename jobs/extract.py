@@ -224,6 +224,9 @@ def run_extract(
     return result
 
 
+WRITE_CONCURRENCY = 2
+
+
 def actor_pool_size(ecfg: ExtractConfig, use_gpu: bool, num_videos: int) -> int:
     """The configured number of teacher actors, else every GPU (or every CPU) the cluster has, and
     never more actors than there are batches to encode. On CPU each actor takes one CPU and Ray
@@ -280,10 +283,11 @@ def _build_table(
     staging = features.staging_dir(table_dir)
     # One streaming pass: decoded, encoded, written, the failures split off; the object store holds
     # only the blocks in flight. The writes take no CPU of their own: on CPU the teacher's actors
-    # hold every CPU, and a write waiting for one would let encoded blocks pile up.
+    # hold every CPU, and a write waiting for one would let encoded blocks pile up. Two at a time:
+    # a write is quick, and CPU-less tasks would otherwise each start a worker process of their own.
     sink = TableSink(staging)
     try:
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=WRITE_CONCURRENCY)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

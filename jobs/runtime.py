@@ -197,7 +197,8 @@ def quiet_ray_data() -> None:
     DataContext.get_current().print_on_execution_start = verbose()
     if not verbose():  # Ray Train's own use of a Ray Data option it deprecates, once per training
         warnings.filterwarnings("ignore", message=re.escape(_RAY_TRAIN_DEPRECATION))
-    for name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset"):
+    for name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset",
+                 "ray.data._internal.datasource.parquet_datasource"):  # its estimates at each read
         logging.getLogger(name).setLevel(logging.NOTSET if verbose() else logging.WARNING)
     for name, noise in (("ray.data.dataset", _no_cpu_warning), ("ray.data._internal.progress", _no_bars_warning)):
         if verbose():

@@ -338,17 +338,18 @@ def read_table_dataset(table_dir: str | Path) -> Any:
     first Parquet reader unless $RAY_DATA_USE_DATASOURCE_V2 says otherwise: Ray 2.60's DataSourceV2
     lists the files in a task of its own that waits about 3 s for its thread pool whatever the
     table's size (0.6 s against 3.3 s for a 40-video table here), and a training reads its table
-    once per split."""
+    once per split. The reader's sampling of a few files shows no bar: it takes a moment."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    previous = context.use_datasource_v2
+    previous = context.use_datasource_v2, context.enable_progress_bars
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
         context.use_datasource_v2 = False
+    context.enable_progress_bars = False
     try:
         return ray.data.read_parquet(str(table_dir), file_extensions=["parquet"])
     finally:
-        context.use_datasource_v2 = previous
+        context.use_datasource_v2, context.enable_progress_bars = previous
 
 
 def shuffled_blocks(train: Any, seed: int) -> Any:

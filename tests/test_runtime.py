@@ -87,6 +87,15 @@ split_ds = ray.data.range(4)
 split_ds.context.enable_progress_bars = False
 split_ds.materialize()  # here too, without a bar: no warning that there is none
 print("SPLIT", ray.get(Worker.remote().read.remote(split_ds.streaming_split(1)[0])))
+import tempfile
+import pyarrow as pa
+import pyarrow.parquet as pq
+from jobs.trainer import split_datasets
+with tempfile.TemporaryDirectory() as table:  # a table's parts, read as a training reads them
+    for part in range(2):
+        pq.write_table(pa.table({"id": [f"v{part}{i}" for i in range(3)], "split": ["train", "val", "test"]}),
+                       f"{table}/part-{part}.parquet")
+    print("TABLE", {name: ds.count() for name, ds in split_datasets(table, None).items()})
 ray.shutdown()
 """
 
@@ -116,6 +125,9 @@ def test_the_driver_prints_its_lines_once_and_ray_data_quietly_unless_verbose(ve
     assert ("execution finished" in done.stderr) == verbose, done.stderr[-2000:]
     assert ("will hang" in done.stderr) == verbose, done.stderr[-2000:]
     assert ("Progress bars disabled" in done.stderr) == verbose, done.stderr[-2000:]
+    assert "TABLE {'train': 2, 'val': 2, 'test': 2}" in done.stdout, done.stdout[-2000:]
+    assert "Parquet dataset sampling" not in done.stderr, done.stderr[-2000:]
+    assert ("Estimated parquet" in done.stderr) == verbose, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("verbose", [False, True])
