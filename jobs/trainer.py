@@ -334,7 +334,7 @@ def split_datasets(table: Any, meta: TableMeta, train_splits: list[str] | None =
 
 
 def read_table_dataset(table_dir: str | Path) -> Any:
-    """A feature table's Parquet parts as a Ray Dataset, one read task per part. Through Ray Data's
+    """A feature table's Parquet parts as one Ray Dataset. Through Ray Data's
     first Parquet reader unless $RAY_DATA_USE_DATASOURCE_V2 says otherwise: Ray 2.60's DataSourceV2
     lists the files in a task of its own that waits about 3 s for its thread pool whatever the
     table's size (0.6 s against 3.3 s for a 40-video table here), and a training reads its table
