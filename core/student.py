@@ -247,12 +247,10 @@ LOGIT_SCALE_KEY = "clip.logit_scale"
 def init_from_checkpoint(model: VideoTextStudent, path: str | Path) -> None:
     """Load a vidkd checkpoint's weights into `model`, all of them but the logit scale (which the
     new training's temperature set). The checkpoint must hold the same architecture."""
-    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"init_from {path}: not a vidkd student checkpoint (expected format {CHECKPOINT_FORMAT})")
+    checkpoint = read_student_checkpoint(path)
     state = {k: v for k, v in checkpoint["state_dict"].items() if k != LOGIT_SCALE_KEY}
-    own = {k for k in model.state_dict() if k != LOGIT_SCALE_KEY}
-    if set(state) != own or any(state[k].shape != model.state_dict()[k].shape for k in own):
+    own = {k: v for k, v in model.state_dict().items() if k != LOGIT_SCALE_KEY}
+    if set(state) != set(own) or any(state[k].shape != v.shape for k, v in own.items()):
         raise ValueError(f"init_from {path}: holds a {checkpoint['config'].get('model')} student with "
                          f"{checkpoint['num_frames']} frames and other weights than this {model.config.model} one")
     model.load_state_dict(state, strict=False)
@@ -281,18 +279,24 @@ def save_student(model: VideoTextStudent, path: str | Path, extra: dict | None =
 def load_student(path: str | Path, map_location: str | torch.device = "cpu",
                  precision: Precision = "fp32") -> VideoTextStudent:
     """Rebuild a student saved by `save_student`, in `precision`; no pretrained weights are fetched."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"student checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a vidkd student checkpoint (expected format {CHECKPOINT_FORMAT})")
+    checkpoint = read_student_checkpoint(path, map_location)
     cfg = StudentConfig.model_validate(checkpoint["config"])
     # The state dict holds every CLIP weight, so the towers are built without `pretrained`.
     clip, tokenizer = create_clip(cfg.model, None)
     model = VideoTextStudent(clip, tokenizer, cfg, checkpoint["num_frames"], teacher_dim=checkpoint["teacher_dim"])
     model.load_state_dict(checkpoint["state_dict"])
     return to_precision(model.to(map_location), precision)
+
+
+def read_student_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The dict `save_student` wrote; one line naming the file when it is missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"student checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a vidkd student checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return checkpoint
 
 
 def to_precision(model: VideoTextStudent, precision: Precision) -> VideoTextStudent:
