@@ -191,7 +191,8 @@ def quiet_ray_data() -> None:
     each time one is done or written in this process (the progress bars say so), and no warning
     that a dataset "will hang" for want of CPUs, which Ray Data gives whenever all CPUs are busy at
     the moment it starts (training workers, the teacher's actors finishing) and which then passes,
-    nor that a dataset read without a bar (a training split) shows none."""
+    nor that a dataset read without a bar (a training split) shows none, nor that progress is
+    logged, not drawn, when stdout is no terminal."""
     from ray.data import DataContext
 
     DataContext.get_current().print_on_execution_start = verbose()
@@ -242,8 +243,11 @@ def _no_cpu_warning(record: logging.LogRecord) -> bool:
 
 
 def _no_bars_warning(record: logging.LogRecord) -> bool:
-    """Ray Data's warning, once, that a dataset read without a bar (a training split's) shows none."""
-    return not record.getMessage().startswith("Progress bars disabled")
+    """Ray Data's warning, once, that a dataset read without a bar (a training split's) shows none,
+    and its notice, once, that progress is logged because stdout is no terminal (the progress then
+    logged comes from a logger of its own, below this one, and stays)."""
+    message = record.getMessage()
+    return not (message.startswith("Progress bars disabled") or message.startswith("Progress will be logged"))
 
 
 def quiet_training_worker() -> None:

@@ -125,6 +125,8 @@ def test_the_driver_prints_its_lines_once_and_ray_data_quietly_unless_verbose(ve
     assert ("execution finished" in done.stderr) == verbose, done.stderr[-2000:]
     assert ("will hang" in done.stderr) == verbose, done.stderr[-2000:]
     assert ("Progress bars disabled" in done.stderr) == verbose, done.stderr[-2000:]
+    assert ("Progress will be logged" in done.stderr) == verbose, done.stderr[-2000:]  # stdout is no terminal here
+    assert "Total Progress" in done.stderr, "the progress itself is logged"
     assert "TABLE {'train': 2, 'val': 2, 'test': 2}" in done.stdout, done.stdout[-2000:]
     assert "Parquet dataset sampling" not in done.stderr, done.stderr[-2000:]
     assert ("Estimated parquet" in done.stderr) == verbose, done.stderr[-2000:]
