@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 
-.PHONY: demo test test-fast install chromium ui clean
+.PHONY: demo test test-fast test-cluster install chromium ui clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,11 @@ chromium:
 	    echo "warning: chromium could not be installed; the browser check of the UI test will be skipped"; }
 
 test: $(STAMP) chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not multinode"
+
+# Nodes that die under a running job: a multi-node Ray cluster on this machine (a few minutes). CI runs it after `make test`.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q -m multinode
 
 # The fast tier: no Ray instance, no browser, no end-to-end pipeline (a few minutes).
 test-fast: $(STAMP)

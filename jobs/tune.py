@@ -217,9 +217,11 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
                 num_samples=tune_cfg.num_samples,
                 max_concurrent_trials=max_concurrent,
             ),
-            # a trial resumes (ASHA) from its latest checkpoint only: keep no others
+            # a trial resumes (ASHA) from its latest checkpoint only: keep no others. A trial whose
+            # process or node dies starts again from that checkpoint, up to `distill.max_failures` times.
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[timing],
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=tune.FailureConfig(max_failures=base.max_failures)),
         )
     # Keeping one checkpoint per trial makes Tune snapshot its experiment state at every trial's
     # checkpoint (so that a resume never points at a deleted one), and warn whenever two come within

@@ -133,8 +133,12 @@ def pytest_collection_modifyitems(config, items):
     """Every test that uses the session's Ray instance, or a head of its own, is marked `ray`
     (`make test-fast` leaves them out). Tests marked `own_ray_cluster` start a Ray head of their
     own and stop only that one. They run last, when the session's local instance is no longer
-    needed: a head beside it would share the machine's few CPUs with it."""
+    needed: a head beside it would share the machine's few CPUs with it. Last of all the tests
+    marked `multinode`, whose cluster this process joins instead."""
     for item in items:
-        if "ray_local" in item.fixturenames or item.get_closest_marker("own_ray_cluster"):
+        if "ray_local" in item.fixturenames or item.get_closest_marker("own_ray_cluster") \
+                or item.get_closest_marker("multinode"):
             item.add_marker(pytest.mark.ray)
-    items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is not None)
+    # the multi-node tests last of all: their driver leaves the session's instance to join their cluster
+    items.sort(key=lambda item: (item.get_closest_marker("multinode") is not None,
+                                 item.get_closest_marker("own_ray_cluster") is not None))
