@@ -30,6 +30,7 @@ from core import features
 from core.config import ExtractConfig, RayConfig, TeacherConfig, VidkdConfig
 from core.datasets import SPLITS, VideoRecord, read_manifest
 from core.features import SCHEMA, TableMeta, to_bytes
+from core.locks import exclusive
 from core.teachers import build_teacher, teacher_identity
 from core.video import VideoDecodeError, decode_video, set_decoder_logging
 from jobs.runtime import cluster_cpus, cluster_gpus, init_ray, verbose, want_gpu
@@ -213,12 +214,14 @@ def run_extract(
             }
         )
 
-    if features.prepare_table_dir(table_dir):
-        meta, failures = features.read_meta(table_dir), features.read_failures(table_dir)
-        log.warning("extract: reusing the complete feature table %s (cache key %s)", table_dir, key)
-        result = ExtractResult(table_dir, meta, failures, cache_hit=True)
-    else:
-        result = _build_table(ecfg, teacher, identity, rows, key, table_dir, cfg.ray)
+    # one job builds a table at a time: a second one asking for it waits, then reuses it
+    with exclusive(table_dir.with_name(f".{key}.lock"), "extract"):
+        if features.prepare_table_dir(table_dir):
+            meta, failures = features.read_meta(table_dir), features.read_failures(table_dir)
+            log.warning("extract: reusing the complete feature table %s (cache key %s)", table_dir, key)
+            result = ExtractResult(table_dir, meta, failures, cache_hit=True)
+        else:
+            result = _build_table(ecfg, teacher, identity, rows, key, table_dir, cfg.ray)
     if run:
         _log_result(run, result)
     return result

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest, dump_config, load_config
 from core.datasets import VideoRecord, read_manifest, read_msrvtt
+from core.locks import exclusive
 from jobs.tracking import RunLogger, pipeline_params
 
 log = logging.getLogger("vidkd.pipeline")
@@ -46,13 +48,19 @@ class StageCache:
         label = label or stage
         key = digest(key_parts)
         path = self.root / f"{label}-{key}.json"
-        if stage not in self.forced and path.exists():
-            outputs = json.loads(path.read_text())
-            if check(outputs):
-                log.warning("%s: skipped, outputs exist for key %s (%s)", label, key, path)
-                return {**outputs, "skipped": True}
-        outputs = build()
-        path.write_text(json.dumps(outputs, indent=1, default=str))
+        # One builder per stage and key: a second pipeline on the same cache waits for the first
+        # to finish the stage, then finds its outputs, rather than training the same model beside it.
+        with exclusive(path.with_suffix(".lock"), label):
+            if stage not in self.forced and path.exists():
+                outputs = json.loads(path.read_text())
+                if check(outputs):
+                    log.warning("%s: skipped, outputs exist for key %s (%s)", label, key, path)
+                    return {**outputs, "skipped": True}
+            outputs = build()
+            # all or nothing: a driver killed while writing leaves no half record for the next run to read
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps(outputs, indent=1, default=str))
+            os.replace(partial, path)
         return {**outputs, "skipped": False}
 
 

@@ -198,3 +198,60 @@ def test_tune_restarts_the_lost_trials_from_their_checkpoints(cluster, cluster_t
     assert len(result.trials) == 3 and result.failed_trials == 0
     assert [t["epochs"] for t in result.trials] == [3, 3, 3]
     assert [len(t["curve"]) for t in result.trials] == [3, 3, 3], "an epoch was reported twice: a trial started over"
+
+
+def test_a_killed_pipeline_and_a_second_one_on_its_cache_finish_with_one_of_each(cluster, tmp_path):
+    """A pipeline's driver is killed while it trains its teacher. Started again, at the same moment
+    as a second pipeline on the same cache, the two finish with one table per key and one training
+    per model: neither repeats a stage that was finished (each waits while the other builds one,
+    then skips it), and the killed training continues from its checkpoint."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.test_pipeline import pipeline_raw
+
+    raw = pipeline_raw(tmp_path)
+    raw["teacher_training"]["distill"]["epochs"] = 3
+    raw["ray"] = {"address": cluster.address}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    logs = []
+
+    def pipeline(name: str) -> subprocess.Popen:
+        logs.append(tmp_path / f"{name}.log")
+        return subprocess.Popen([sys.executable, "-m", "cluster.cli", "pipeline", "--config", "pipeline.yaml"],
+                                cwd=tmp_path, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
+                                stdout=logs[-1].open("w"), stderr=subprocess.STDOUT)
+
+    stages, storage = tmp_path / "runs" / "stages", Path(raw["teacher_training"]["distill"]["storage_dir"])
+    first = pipeline("first")
+    deadline = time.monotonic() + 300
+    # the epoch's line is printed once its checkpoint is reported
+    while "distill epoch 1/3" not in logs[0].read_text() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, f"the pipeline ended before its teacher's first epoch: {logs[0].read_text()[-3000:]}"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in stages.glob("*.json")}
+    assert [n.split("-")[0] for n in done_before] == ["data"], done_before
+
+    again, second = pipeline("again"), pipeline("second")
+    for proc, log_file in zip((again, second), logs[1:]):
+        assert proc.wait(timeout=600) == 0, log_file.read_text()[-3000:]
+    texts = [log_file.read_text() for log_file in logs[1:]]
+    assert {p.name: p.stat().st_mtime_ns for p in stages.glob("*.json") if p.name in done_before} == done_before, \
+        "a finished stage was built again"
+    records = sorted(p.name.rsplit("-", 1)[0] for p in stages.glob("*.json"))
+    assert records == ["data", "distill", "distill-no-teacher", "quantize", "teacher"], records
+    for label in records:  # built by one of the two, skipped by the other (by both, for data)
+        skips = sum(f"vidkd.pipeline: {label}: skipped" in text for text in texts)
+        assert skips == (2 if label == "data" else 1), (label, skips)
+    assert sum("distill: resumed from the checkpoint of epoch 1" in text for text in texts) == 1, "the teacher's"
+    tables = [p for p in Path(raw["extract"]["cache_dir"]).iterdir() if not p.name.startswith(".")]
+    assert len(tables) == 2, f"a frames table for the teacher's training and the teacher's table: {tables}"
+    assert sum(log_file.read_text().count("extract: wrote") for log_file in logs) == 2, "each table built once"
+    assert sorted(p.name.rsplit("-", 1)[0] for p in storage.iterdir()) == ["distill", "distill-no-teacher", "teacher"]
+    assert all("Test split:" in text for text in texts), "each prints the closing table"
