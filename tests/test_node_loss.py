@@ -63,7 +63,8 @@ def cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    with tempfile.TemporaryDirectory(prefix="vkc", dir="/tmp") as short, _env(RAY_TMPDIR=short):
+    with (tempfile.TemporaryDirectory(prefix="vkc", dir="/tmp", ignore_cleanup_errors=True) as short,
+          _env(RAY_TMPDIR=short)):
         Path(short, "ray").mkdir()
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",  # the state API, for Ray Train
