@@ -71,6 +71,7 @@ class TableMeta:
     schema_version: int = SCHEMA_VERSION
     code_version: str = ""
     counts: dict[str, int] = field(default_factory=dict)
+    frames_codec: str = "raw"  # how the `frames` column is stored (FRAMES_CODECS)
 
     @property
     def has_teacher(self) -> bool:
@@ -83,9 +84,11 @@ def cache_key(
     teacher_identity: Mapping[str, Any],
     num_frames: int,
     image_size: int,
+    frames_codec: str = "raw",
 ) -> str:
     """Content address of a table: the manifest's rows (ids, files, captions, splits), the
-    teacher's identity including its weights hash, and the frame sampling."""
+    teacher's identity including its weights hash, the frame sampling and how frames are stored
+    (raw tables keep the keys they had before the codec was a setting)."""
     payload = {
         "rows": [dict(row) for row in manifest_rows],
         "teacher": dict(teacher_identity),
@@ -93,6 +96,8 @@ def cache_key(
         "image_size": image_size,
         "schema_version": SCHEMA_VERSION,
     }
+    if frames_codec != "raw":
+        payload["frames_codec"] = frames_codec
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
@@ -106,6 +111,41 @@ def stack_bytes(column: Sequence[bytes], dtype: str, shape: tuple[int, ...]) -> 
     """A column of equally shaped raw arrays -> one array [N, *shape]."""
     flat = np.frombuffer(bytearray().join(column), dtype=dtype)  # writable, so torch can take it as is
     return flat.reshape(len(column), *shape)
+
+
+# The frames of a video, as stored: `raw` uint8 [F, S, S, 3], or `jpeg` (each frame a JPEG file at
+# JPEG_QUALITY, after a little-endian uint32 header: the frame count, then each file's length).
+FRAMES_CODECS = ("raw", "jpeg")
+JPEG_QUALITY = 90
+
+
+def encode_frames(frames: np.ndarray, codec: str) -> bytes:
+    """One video's frames uint8 [F, S, S, 3] -> the `frames` cell."""
+    if codec == "raw":
+        return to_bytes(frames, "uint8")
+    import torch
+    from torchvision.io import encode_jpeg
+
+    files = [encode_jpeg(torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).contiguous(),
+                         quality=JPEG_QUALITY).numpy().tobytes() for frame in frames]
+    return np.array([len(files), *map(len, files)], "<u4").tobytes() + b"".join(files)
+
+
+def decode_frames(column: Sequence[bytes], codec: str, shape: tuple[int, int, int, int]) -> np.ndarray:
+    """A column of `frames` cells -> uint8 [N, F, S, S, 3]."""
+    if codec == "raw":
+        return stack_bytes(column, "uint8", shape)
+    import torch
+    from torchvision.io import decode_jpeg
+
+    out = np.empty((len(column), *shape), np.uint8)
+    for i, cell in enumerate(column):
+        count = int(np.frombuffer(cell, "<u4", count=1)[0])
+        lengths = np.frombuffer(cell, "<u4", count=count, offset=4)
+        ends = 4 * (count + 1) + np.cumsum(lengths)
+        files = [torch.frombuffer(bytearray(cell[end - n:end]), dtype=torch.uint8) for n, end in zip(lengths, ends)]
+        out[i] = torch.stack(decode_jpeg(files)).permute(0, 2, 3, 1).numpy()
+    return out
 
 
 def text_emb_rows(column: Sequence[bytes], embed_dim: int) -> list[np.ndarray]:
@@ -208,7 +248,7 @@ def decode_batch(columns: Mapping[str, Sequence[Any]], meta: TableMeta) -> Featu
     n = len(columns["video_id"])
     batch = FeatureBatch(
         video_ids=[str(v) for v in columns["video_id"]],
-        frames=stack_bytes(columns["frames"], "uint8", (f, s, s, 3)) if "frames" in columns
+        frames=decode_frames(columns["frames"], meta.frames_codec, (f, s, s, 3)) if "frames" in columns
         else np.zeros((n, 0), np.uint8),
         frame_mask=stack_bytes(columns["frame_mask"], "uint8", (f,)),
         captions=[list(c) for c in columns["captions"]],

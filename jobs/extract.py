@@ -110,8 +110,9 @@ class ExtractResult:
 
 
 # ------------------------------------------------------------------------- the two UDFs
-def decode_rows(batch: pa.Table, num_frames: int, image_size: int) -> pa.Table:
-    """CPU task: decode each video of the batch; a failure becomes the row's `error`."""
+def decode_rows(batch: pa.Table, num_frames: int, image_size: int, frames_codec: str = "raw") -> pa.Table:
+    """CPU task: decode each video of the batch, its frames as the table stores them
+    (`frames_codec`); a failure becomes the row's `error`."""
     torch.set_num_threads(1)
     set_decoder_logging(verbose())
     rows = []
@@ -129,7 +130,8 @@ def decode_rows(batch: pa.Table, num_frames: int, image_size: int) -> pa.Table:
         }
         try:
             frames, mask = decode_video(row["path"], num_frames, image_size, video_id=row["video_id"])
-            out["frames"], out["frame_mask"] = to_bytes(frames, "uint8"), to_bytes(mask, "uint8")
+            out["frames"] = features.encode_frames(frames, frames_codec)
+            out["frame_mask"] = to_bytes(mask, "uint8")
         except VideoDecodeError as error:
             out[TableSink.ERROR] = f"{error.reason}: {error.detail or error}"  # the row names the video
         rows.append(out)
@@ -137,13 +139,15 @@ def decode_rows(batch: pa.Table, num_frames: int, image_size: int) -> pa.Table:
 
 
 class TeacherEncoder:
-    """Actor: holds one teacher and fills the teacher columns of decoded rows."""
+    """Actor: holds one teacher and fills the teacher columns of decoded rows. It encodes the frames
+    as stored (`frames_codec`, decoded back): the frames the student and an online teacher will
+    read from the table, so the cached teacher is the online one."""
 
-    def __init__(self, teacher_cfg: dict, num_frames: int, image_size: int, use_gpu: bool):
+    def __init__(self, teacher_cfg: dict, num_frames: int, image_size: int, use_gpu: bool, frames_codec: str = "raw"):
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)  # a teacher without weights is initialised the same in every actor
         self.teacher = build_teacher(TeacherConfig(**teacher_cfg), device=self.device)
-        self.num_frames, self.image_size = num_frames, image_size
+        self.num_frames, self.image_size, self.frames_codec = num_frames, image_size, frames_codec
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = pc.is_null(batch[TableSink.ERROR]).to_numpy(zero_copy_only=False)
@@ -151,7 +155,7 @@ class TeacherEncoder:
             return batch
         good = batch.filter(pa.array(ok))
         f, s = self.num_frames, self.image_size
-        frames = torch.from_numpy(features.stack_bytes(good["frames"].to_pylist(), "uint8", (f, s, s, 3)).copy())
+        frames = torch.from_numpy(features.decode_frames(good["frames"].to_pylist(), self.frames_codec, (f, s, s, 3)))
         mask = torch.from_numpy(features.stack_bytes(good["frame_mask"].to_pylist(), "uint8", (f,)).copy())
         video_emb, frame_emb = self.teacher.encode_video(frames.to(self.device), mask.to(self.device))
         captions = good["captions"].to_pylist()
@@ -201,7 +205,7 @@ def run_extract(
         records = read_manifest(cfg.data.manifest_path())
     rows = manifest_rows(records)
     identity = teacher_identity(teacher)
-    key = features.cache_key(rows, identity, ecfg.num_frames, ecfg.image_size)
+    key = features.cache_key(rows, identity, ecfg.num_frames, ecfg.image_size, ecfg.frames_codec)
     table_dir = Path(ecfg.cache_dir).resolve() / key
     if run:
         run.log_params(
@@ -209,6 +213,7 @@ def run_extract(
                 "teacher": identity,
                 "num_frames": ecfg.num_frames,
                 "image_size": ecfg.image_size,
+                "frames_codec": ecfg.frames_codec,
                 "cache_key": key,
                 "num_actors": ecfg.num_actors,
             }
@@ -263,7 +268,7 @@ def _build_table(
     num_blocks = max(1, -(-len(inputs) // ecfg.decode_batch_size))
     ds = ray.data.from_items(inputs, override_num_blocks=num_blocks).map_batches(
         decode_rows,
-        fn_kwargs={"num_frames": ecfg.num_frames, "image_size": ecfg.image_size},
+        fn_kwargs={"num_frames": ecfg.num_frames, "image_size": ecfg.image_size, "frames_codec": ecfg.frames_codec},
         batch_format="pyarrow",
         batch_size=ecfg.decode_batch_size,
         num_cpus=ecfg.decode_cpus,
@@ -276,6 +281,7 @@ def _build_table(
                 "num_frames": ecfg.num_frames,
                 "image_size": ecfg.image_size,
                 "use_gpu": use_gpu,
+                "frames_codec": ecfg.frames_codec,
             },
             compute=ray.data.ActorPoolStrategy(size=actor_pool_size(ecfg, use_gpu, len(inputs))),
             batch_format="pyarrow",
@@ -308,6 +314,7 @@ def _build_table(
         cache_key=key,
         code_version=CODE_VERSION,
         counts=counts,
+        frames_codec=ecfg.frames_codec,
     )
     if not features.commit_table(staging, table_dir, meta, failures):
         log.warning("extract: another job committed %s first; using that table", table_dir)

@@ -156,7 +156,8 @@ def _teacher_key(ctx: Context) -> Any:
 
     cfg = ctx.cfg
     frames_only = teacher_identity(TeacherConfig(kind="none"))
-    frames_table = cache_key(manifest_rows(ctx.records), frames_only, cfg.extract.num_frames, cfg.extract.image_size)
+    frames_table = cache_key(manifest_rows(ctx.records), frames_only, cfg.extract.num_frames, cfg.extract.image_size,
+                             cfg.extract.frames_codec)
     return [frames_table, cfg.teacher_training.distill.model_dump()]
 
 

@@ -20,7 +20,7 @@ import torch
 
 from core.config import VidkdConfig, digest
 from core.evaluation import evaluate_student
-from core.features import TableMeta, read_meta, read_table, stack_bytes, table_batches
+from core.features import TableMeta, decode_frames, read_meta, read_table, stack_bytes, table_batches
 from core.quant import describe_kernels, quantize_visual, save_quantized, set_kernel, size_report
 from core.student import VideoTextStudent, load_quantized_student, load_student, student_meta, to_precision
 from core.video import normalize_frames
@@ -51,7 +51,7 @@ def calibration_images(table_dir: str | Path, meta: TableMeta, student: VideoTex
                         video_ids=sorted({ids[r] for r in rows[pick]}))
     clip_shape = (meta.num_frames, meta.image_size, meta.image_size, 3)
     clips = dict(zip(chosen.column("video_id").to_pylist(),
-                     stack_bytes(chosen.column("frames").to_pylist(), "uint8", clip_shape)))
+                     decode_frames(chosen.column("frames").to_pylist(), meta.frames_codec, clip_shape)))
     images = torch.from_numpy(np.stack([clips[ids[r]][slot] for r, slot in zip(rows[pick], slots[pick])]))
     if images.shape[1] != student.image_size:
         images = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2).float(), size=student.image_size,

@@ -84,7 +84,10 @@ def test_table_holds_good_videos_failures_the_bad_ones(ray_local, mixed_manifest
     torch.manual_seed(0)
     adapter = build_teacher(teacher)
     frames, mask = zip(*(decode_video(read_path(mixed_manifest, v), 4, 32) for v in batch.video_ids))
-    video_emb, frame_emb = adapter.encode_video(torch.from_numpy(np.stack(frames)), torch.from_numpy(np.stack(mask)))
+    # The frames are stored as JPEG (the default); the teacher saw them as stored.
+    assert result.meta.frames_codec == "jpeg"
+    assert np.abs(batch.frames.astype(int) - np.stack(frames)).mean() < 3
+    video_emb, frame_emb = adapter.encode_video(torch.from_numpy(batch.frames), torch.from_numpy(np.stack(mask)))
     np.testing.assert_allclose(batch.teacher_video_emb.astype(np.float32), video_emb.numpy(), atol=2e-3)
     np.testing.assert_allclose(batch.teacher_frame_emb.astype(np.float32), frame_emb.numpy(), atol=2e-3)
     text = adapter.encode_text(batch.captions[short]).numpy()
@@ -107,10 +110,14 @@ def test_table_holds_good_videos_failures_the_bad_ones(ray_local, mixed_manifest
 
 
 def test_frames_only_table_and_all_failing_input(ray_local, mixed_manifest, tmp_path):
-    cfg = tiny_config(tmp_path, mixed_manifest)
+    cfg = tiny_config(tmp_path, mixed_manifest, extract={"frames_codec": "raw"})
     result = run_extract(cfg)
     assert not result.meta.has_teacher
-    assert features.read_table(result.table_dir, split="val").num_rows == 2
+    val = features.read_table(result.table_dir, split="val")
+    assert val.num_rows == 2
+    batch = features.decode_batch(features.arrow_to_columns(val), result.meta)
+    frames = [decode_video(read_path(mixed_manifest, v), 4, 32)[0] for v in batch.video_ids]
+    assert result.meta.frames_codec == "raw" and np.array_equal(batch.frames, np.stack(frames)), "raw is exact"
 
     bad = [r for r in read_manifest(mixed_manifest) if not r.video_id.startswith("good")]
     with pytest.raises(ExtractError, match="every video failed"):
@@ -145,3 +152,24 @@ def test_two_jobs_building_one_table_never_share_or_delete_each_others_files(tmp
     shutil.rmtree(table_dir)
     assert not features.prepare_table_dir(table_dir)
     assert not stale.exists() and live.exists()
+
+
+def test_frames_codecs_round_trip_and_name_their_tables():
+    """raw stores the frames exactly; jpeg within JPEG's error, each frame a file of its own length
+    behind a header. A JPEG table has a key of its own; a raw one keeps the key it had before the
+    codec was a setting."""
+    rng = np.random.default_rng(0)
+    smooth = np.clip(np.linspace(0, 255, 32)[None, :, None] + rng.normal(0, 4, (32, 32, 3)), 0, 255)
+    clip = np.stack([np.roll(smooth, k, axis=1) for k in range(3)] + [np.zeros((32, 32, 3))]).astype(np.uint8)
+    raw = features.encode_frames(clip, "raw")
+    assert len(raw) == clip.nbytes and np.array_equal(features.decode_frames([raw], "raw", clip.shape)[0], clip)
+    cells = [features.encode_frames(clip, "jpeg"), features.encode_frames(clip[::-1].copy(), "jpeg")]
+    header = np.frombuffer(cells[0], "<u4", count=5)
+    assert header[0] == 4 and len(cells[0]) == 4 * 5 + header[1:].sum() < clip.nbytes
+    back = features.decode_frames(cells, "jpeg", clip.shape)
+    assert back.shape == (2, *clip.shape) and back.dtype == np.uint8
+    assert np.abs(back[0].astype(int) - clip).mean() < 3 and np.abs(back[1].astype(int) - clip[::-1]).mean() < 3
+    rows = [{"video_id": "a", "path": "a.mp4", "captions": ["x"], "split": "train"}]
+    key = features.cache_key(rows, {"kind": "none"}, 4, 32)
+    assert features.cache_key(rows, {"kind": "none"}, 4, 32, "raw") == key
+    assert features.cache_key(rows, {"kind": "none"}, 4, 32, "jpeg") != key
