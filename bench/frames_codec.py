@@ -1,16 +1,17 @@
 """Frames in the feature table: raw uint8 against JPEG, at the resolution real teachers use.
 
-    python bench/frames_codec.py [--videos 24 --frames 12 --size 224 --quality 90 --batch 32]
+    python bench/frames_codec.py [--videos 24 --frames 12 --size 224 --batch 32]
 
 On `--videos` synthetic driving clips rendered at 320x240 (MSRVTT's usual size), 4 s at 8 fps,
 one thread throughout (torch, decord and the JPEG codec), so every figure is per core:
 - decode: seconds per video to decode `--frames` frames at `--size` px (the extract stage's cost
   before the teacher, and the first input of docs/scale.md's model);
-- bytes per video of the frames as raw uint8, and as JPEG at `--quality` (frames that are past a
-  clip's end, zeros, are stored too);
+- bytes per video of the frames as the table stores them (`core.features.encode_frames`): raw
+  uint8, and JPEG at the table's quality (frames past a clip's end, zeros, are stored too);
 - JPEG encode: seconds per video (paid once, in extract);
-- the training loader's CPU time for one batch of `--batch` videos: from the stored bytes to a
-  uint8 tensor [batch, frames, size, size, 3] (raw: one copy; JPEG: a decode per frame);
+- the training loader's CPU time for one batch of `--batch` videos: from the stored cells to a
+  uint8 array [batch, frames, size, size, 3] (`core.features.decode_frames`: raw, one copy;
+  JPEG, a decode per frame);
 - the JPEG round trip's error: mean absolute difference per pixel value (of 255), and PSNR.
 Times are medians over `--rounds` rounds, measured side by side in one run.
 """
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import decode_jpeg, encode_jpeg
 
 from core.config import SynthConfig
 from core.datasets import read_manifest
+from core.features import JPEG_QUALITY, decode_frames, encode_frames
 from core.synth import generate_dataset
 from core.video import decode_video
 
@@ -42,22 +43,11 @@ def median_time(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
-def to_jpeg(frames: np.ndarray, quality: int) -> list[bytes]:
-    return [encode_jpeg(torch.from_numpy(f).permute(2, 0, 1).contiguous(), quality=quality).numpy().tobytes()
-            for f in frames]
-
-
-def from_jpeg(parts: list[bytes]) -> torch.Tensor:
-    decoded = decode_jpeg([torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in parts])
-    return torch.stack(decoded).permute(0, 2, 3, 1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=24)
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -74,26 +64,24 @@ def main() -> None:
             decoded.append(decode_video(path, args.frames, args.size)[0])
             decode_s.append(time.perf_counter() - start)
 
-    raw = [f.tobytes() for f in decoded]
-    encode_s = median_time(lambda: [to_jpeg(f, args.quality) for f in decoded], args.rounds) / len(decoded)
-    jpeg = [to_jpeg(f, args.quality) for f in decoded]
-    batch = [i % len(decoded) for i in range(args.batch)]
     shape = (args.frames, args.size, args.size, 3)
-    load_raw = median_time(lambda: torch.from_numpy(np.stack([np.frombuffer(raw[i], np.uint8).reshape(shape)
-                                                               for i in batch])), args.rounds)
-    load_jpeg = median_time(lambda: torch.stack([from_jpeg(jpeg[i]) for i in batch]), args.rounds)
-    back = np.stack([from_jpeg(parts).numpy() for parts in jpeg]).astype(np.float64)
-    err = np.abs(back - np.stack(decoded))
+    raw = [encode_frames(f, "raw") for f in decoded]
+    encode_s = median_time(lambda: [encode_frames(f, "jpeg") for f in decoded], args.rounds) / len(decoded)
+    jpeg = [encode_frames(f, "jpeg") for f in decoded]
+    batch = [i % len(decoded) for i in range(args.batch)]
+    load_raw = median_time(lambda: decode_frames([raw[i] for i in batch], "raw", shape), args.rounds)
+    load_jpeg = median_time(lambda: decode_frames([jpeg[i] for i in batch], "jpeg", shape), args.rounds)
+    err = np.abs(decode_frames(jpeg, "jpeg", shape).astype(np.float64) - np.stack(decoded))
     psnr = 10 * np.log10(255.0**2 / np.mean(err**2))
     raw_bytes = statistics.fmean(len(r) for r in raw)
-    jpeg_bytes = statistics.fmean(sum(len(p) for p in parts) for parts in jpeg)
+    jpeg_bytes = statistics.fmean(len(cell) for cell in jpeg)
 
     print(f"{args.videos} clips 320x240, {args.frames} frames at {args.size} px, one thread; JPEG quality "
-          f"{args.quality}; loader batch {args.batch}\n")
+          f"{JPEG_QUALITY}; loader batch {args.batch}\n")
     print("| codec | bytes/video | vs raw | extract-side s/video | loader ms/batch | mean abs error | PSNR dB |")
     print("|---|---|---|---|---|---|---|")
     print(f"| raw | {raw_bytes:,.0f} | 1.00 | 0 | {load_raw * 1e3:.1f} | 0 | inf |")
-    print(f"| jpeg q{args.quality} | {jpeg_bytes:,.0f} | {jpeg_bytes / raw_bytes:.3f} | {encode_s:.4f} | "
+    print(f"| jpeg q{JPEG_QUALITY} | {jpeg_bytes:,.0f} | {jpeg_bytes / raw_bytes:.3f} | {encode_s:.4f} | "
           f"{load_jpeg * 1e3:.1f} | {err.mean():.2f} | {psnr:.1f} |")
     print(f"\ndecode at {args.size} px: {statistics.median(decode_s):.4f} s/video (median of {len(decode_s)}; one core)")
     print(f"JPEG loader cost: {load_jpeg / args.batch / args.frames * 1e3:.2f} ms per frame, "

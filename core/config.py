@@ -122,7 +122,7 @@ class ExtractConfig(_Strict):
     num_actors: int | None = Field(None, ge=1)
     use_gpu: Literal["auto"] | bool = "auto"
     # How the table stores frames: JPEG (quality 90) is 14x smaller than raw uint8 at 224 px, for
-    # 9 ms of loader CPU per video of 12 frames (bench/frames_codec.py, docs/feature_table.md).
+    # about 9 ms of loader CPU per video of 12 frames (bench/frames_codec.py, docs/feature_table.md).
     frames_codec: Literal["raw", "jpeg"] = "jpeg"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -21,34 +20,16 @@ from core.config import RayConfig, TeacherConfig
 from core.datasets import read_manifest
 from jobs.trainer import STATE_FILE
 from tests.conftest import tiny_config
+from tests.test_pipeline import free_port, pipeline_raw
 
 pytestmark = pytest.mark.multinode
 
 WORKER_CPUS = 2  # per worker node: a training worker and the Ray Data tasks that feed it fit on one
-
-
 TRIAL_ACTOR = "ImplicitFunc"  # the actor of a Tune function trainable
 
 
 def add_worker_node(cluster):
     return cluster.add_node(num_cpus=WORKER_CPUS)
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +45,18 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     with (tempfile.TemporaryDirectory(prefix="vkc", dir="/tmp", ignore_cleanup_errors=True) as short,
-          _env(RAY_TMPDIR=short)):
+          pytest.MonkeyPatch.context() as env):
+        env.setenv("RAY_TMPDIR", short)
         Path(short, "ray").mkdir()
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",  # the state API, for Ray Train
-            "dashboard_port": _free_port(), "temp_dir": f"{short}/ray"})
+            "dashboard_port": free_port(), "temp_dir": f"{short}/ray"})
         try:
-            with _env(RAY_ADDRESS=cluster.address):  # the processes of every node find this cluster, no other
-                for _ in range(2):
-                    add_worker_node(cluster)
-                init_ray(RayConfig(address=cluster.address))
-                yield cluster
+            env.setenv("RAY_ADDRESS", cluster.address)  # the processes of every node find this cluster, no other
+            for _ in range(2):
+                add_worker_node(cluster)
+            init_ray(RayConfig(address=cluster.address))
+            yield cluster
         finally:
             ray.shutdown()
             cluster.shutdown()
@@ -212,7 +194,6 @@ def test_a_killed_pipeline_and_a_second_one_on_its_cache_finish_with_one_of_each
 
     import yaml
 
-    from tests.test_pipeline import pipeline_raw
 
     raw = pipeline_raw(tmp_path)
     raw["teacher_training"]["distill"]["epochs"] = 3
