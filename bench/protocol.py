@@ -69,7 +69,7 @@ class Protocol:
             from core.teachers.base import hash_state_dict
 
             model = load_student(teacher.path)
-            row["logit_scale"] = float(model.logit_scale)
+            row["logit_scale"] = float(model.logit_scale.detach())
             row["weights_sha256"] = hash_state_dict(model.state_dict())  # which teacher the students learned from
             row["val_curve"] = ctx.outputs.get("teacher", {}).get("val_curve")  # has it reached its plateau?
         return TeacherSetup(teacher, ctx.table_dir, meta, datasets, test, row)
