@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 import pytest
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from core.config import RayConfig, TeacherConfig
 from core.datasets import read_manifest
@@ -125,7 +126,8 @@ def test_distill_continues_on_the_remaining_nodes(cluster, cluster_table, tmp_pa
     distill = cfg.distill.model_copy(update={"epochs": 3, "num_workers": 1, "cpus_per_worker": 1, "max_failures": 2,
                                              "storage_dir": str(tmp_path / "train")})
     run = RunLogger.create("node-loss", cfg.tracking, output_dir=str(tracking_dir))
-    checkpointed = lambda: any(Path(distill.storage_dir).rglob(STATE_FILE))  # noqa: E731
+    # Ray Train's record of a registered checkpoint (a checkpoint's files appear before it is registered)
+    checkpointed = lambda: any(Path(distill.storage_dir).rglob(CHECKPOINT_MANAGER_SNAPSHOT_FILENAME))  # noqa: E731
     with remove_node_when(cluster, checkpointed, "RayTrainWorker") as what:
         result = run_distill(cfg, table.table_dir, distill=distill, run=run)
     assert "removed" in what, "the training ended before its node could be removed"
