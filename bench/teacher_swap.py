@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from core.config import DistillConfig, load_config
+from core.config import DistillConfig, TeacherConfig, load_config
 from protocol import Protocol, TeacherSetup, fmt, mean_std
 
 SWAP_KEYS = ("teacher_b", "a_settings", "calibrated", "tune")
@@ -116,6 +116,8 @@ def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overri
     a_settings = load_config(cfg_path, overrides + swap["a_settings"]).distill
     calibrated = load_config(cfg_path, overrides + swap["calibrated"]).distill
     search_cfg = load_config(cfg_path, overrides + swap["calibrated"] + swap["tune"])
+    # B's settings are read once A exists; a mistake in them is found here, before Ray starts
+    load_config(cfg_path, overrides + teacher_b_overrides(swap, TeacherConfig(kind="vidkd", path="teacher-a.pt")))
     init_ray(base.ray)
     parent = RunLogger.create("bench-teacher-swap", base.tracking, tags={"vidkd.stage": "bench"},
                               output_dir=base.output_dir)

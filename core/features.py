@@ -71,7 +71,7 @@ class TableMeta:
     schema_version: int = SCHEMA_VERSION
     code_version: str = ""
     counts: dict[str, int] = field(default_factory=dict)
-    frames_codec: str = "raw"  # how the `frames` column is stored (FRAMES_CODECS)
+    frames_codec: str = "raw"  # how the `frames` column is stored (a table older than the setting: raw)
 
     @property
     def has_teacher(self) -> bool:
@@ -113,9 +113,9 @@ def stack_bytes(column: Sequence[bytes], dtype: str, shape: tuple[int, ...]) -> 
     return flat.reshape(len(column), *shape)
 
 
-# The frames of a video, as stored: `raw` uint8 [F, S, S, 3], or `jpeg` (each frame a JPEG file at
-# JPEG_QUALITY, after a little-endian uint32 header: the frame count, then each file's length).
-FRAMES_CODECS = ("raw", "jpeg")
+# The frames of a video, as stored (`ExtractConfig.frames_codec`): `raw` uint8 [F, S, S, 3], or
+# `jpeg` (each frame a JPEG file at JPEG_QUALITY, after a little-endian uint32 header: the frame
+# count, then each file's length).
 JPEG_QUALITY = 90
 
 

@@ -110,7 +110,7 @@ class ExtractResult:
 
 
 # ------------------------------------------------------------------------- the two UDFs
-def decode_rows(batch: pa.Table, num_frames: int, image_size: int, frames_codec: str = "raw") -> pa.Table:
+def decode_rows(batch: pa.Table, num_frames: int, image_size: int, frames_codec: str) -> pa.Table:
     """CPU task: decode each video of the batch, its frames as the table stores them
     (`frames_codec`); a failure becomes the row's `error`."""
     torch.set_num_threads(1)
@@ -139,11 +139,11 @@ def decode_rows(batch: pa.Table, num_frames: int, image_size: int, frames_codec:
 
 
 class TeacherEncoder:
-    """Actor: holds one teacher and fills the teacher columns of decoded rows. It encodes the frames
-    as stored (`frames_codec`, decoded back): the frames the student and an online teacher will
-    read from the table, so the cached teacher is the online one."""
+    """Actor: holds one teacher and fills the teacher columns of decoded rows. The teacher sees the
+    frames as stored (`frames_codec`, decoded back): the frames the student and an online teacher
+    will read from the table, so the cached teacher is the online one."""
 
-    def __init__(self, teacher_cfg: dict, num_frames: int, image_size: int, use_gpu: bool, frames_codec: str = "raw"):
+    def __init__(self, teacher_cfg: dict, num_frames: int, image_size: int, use_gpu: bool, frames_codec: str):
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)  # a teacher without weights is initialised the same in every actor
         self.teacher = build_teacher(TeacherConfig(**teacher_cfg), device=self.device)
