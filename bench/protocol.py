@@ -9,9 +9,12 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.config import DistillConfig, TeacherTrainingConfig, VidkdConfig
+
+if TYPE_CHECKING:
+    from jobs.tables import TableSplits
 
 METRICS = ("t2v_R1", "t2v_R5", "t2v_R10", "t2v_MdR", "v2t_R1")
 
@@ -32,7 +35,7 @@ class TeacherSetup:
     teacher: Any  # TeacherConfig of the trained teacher
     table_dir: Path
     meta: Any  # TableMeta
-    datasets: dict[str, Any]
+    splits: TableSplits
     test: list  # the table's test batches
     row: dict[str, Any]  # test metrics, and the teacher's own logit scale
 
@@ -54,14 +57,14 @@ class Protocol:
         from core.student import load_student
         from jobs.pipeline import Context, run_stages
         from core.features import table_batches
-        from jobs.trainer import split_datasets
+        from jobs.tables import split_datasets
 
         cfg = self.cfg if training is None else self.cfg.model_copy(update={"teacher_training": training})
         run = self.parent.child(label, {"vidkd.stage": "bench-teacher"})
         with run.running():
             ctx = run_stages(Context(cfg, self.cache, run), until="extract")
         meta = read_meta(ctx.table_dir)
-        datasets = ctx.datasets or split_datasets(ctx.table_dir, meta, cfg.distill.train_splits)
+        splits = ctx.splits or split_datasets(ctx.table_dir, cfg.distill.train_splits, cfg.distill.table_placement)
         test = table_batches(ctx.table_dir, meta, "test")
         row = evaluate_teacher_table(test)
         teacher = ctx.teacher
@@ -72,7 +75,7 @@ class Protocol:
             row["logit_scale"] = float(model.logit_scale.detach())
             row["weights_sha256"] = hash_state_dict(model.state_dict())  # which teacher the students learned from
             row["val_curve"] = ctx.outputs.get("teacher", {}).get("val_curve")  # has it reached its plateau?
-        return TeacherSetup(teacher, ctx.table_dir, meta, datasets, test, row)
+        return TeacherSetup(teacher, ctx.table_dir, meta, splits, test, row)
 
     def student(self, setup: TeacherSetup, distill: DistillConfig, name: str, tags: dict | None = None,
                 test: bool = True) -> dict[str, Any]:
@@ -93,7 +96,7 @@ class Protocol:
             run = self.parent.child(name, {"vidkd.stage": "distill", **(tags or {})})
             start = time.perf_counter()
             with run.running():
-                result = run_distill(self.cfg, setup.table_dir, setup.datasets, distill=distill, run=run,
+                result = run_distill(self.cfg, setup.table_dir, setup.splits, distill=distill, run=run,
                                      name=name, teacher=setup.teacher)
             return {"checkpoint": str(result.checkpoint), "val": result.metrics,
                     "train_s": time.perf_counter() - start, "run_id": result.run_id}

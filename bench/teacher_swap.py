@@ -147,7 +147,7 @@ def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overri
             start = time.perf_counter()
             with run.running():
                 searches[scheduler] = run_tune(search_cfg.model_copy(update={"tune": tune_cfg}), teachers["B"].table_dir,
-                                               teachers["B"].datasets, run=run, teacher=teachers["B"].teacher)
+                                               teachers["B"].splits, run=run, teacher=teachers["B"].teacher)
             wall[scheduler] = time.perf_counter() - start
         runs += _students(protocol, {"B @ tuned": (teachers["B"], searches["asha"].best_config.distill)}, seeds)
 

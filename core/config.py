@@ -206,6 +206,10 @@ class DistillConfig(_Strict):
     # Started again, the same training (stage, table, teacher, settings) continues from its last
     # checkpoint in storage_dir; a finished one is returned as it is. false: train from scratch.
     resume: bool = True
+    # Where a training keeps the feature table: held in the object store (read once, shared by
+    # Tune's trials), streamed from Parquet every epoch, or auto: held when it takes at most half
+    # of the object store (`jobs.tables.place_table`).
+    table_placement: Literal["auto", "object_store", "stream"] = "auto"
 
     @model_validator(mode="after")
     def _mode(self) -> "DistillConfig":

@@ -23,8 +23,8 @@ from core.features import TableMeta, read_meta
 from core.teachers import teacher_identity
 from jobs.runtime import init_ray, run_path, storage_path
 from jobs.tracking import RunLogger
-from jobs.trainer import (CHECKPOINT_FILE, STATE_FILE, TARGET_METRIC, LoopSpec, make_trainer, split_datasets,
-                          train_videos, worker_batch_size)
+from jobs.tables import TableSplits, split_datasets
+from jobs.trainer import CHECKPOINT_FILE, STATE_FILE, TARGET_METRIC, LoopSpec, make_trainer, train_videos, worker_batch_size
 
 log = logging.getLogger("vidkd.distill")
 
@@ -83,7 +83,7 @@ def log_calibration(calibration: Calibration, run: RunLogger | None) -> None:
 def run_distill(
     cfg: VidkdConfig,
     table_dir: str | Path,
-    datasets: dict[str, Any] | None = None,
+    splits: TableSplits | None = None,
     distill: DistillConfig | None = None,
     run: RunLogger | None = None,
     name: str = "distill",
@@ -99,14 +99,14 @@ def run_distill(
     distill, calibration = resolve_temperatures(distill, table_dir, teacher)
     if calibration:
         log_calibration(calibration, run)
-    datasets = datasets or split_datasets(table_dir, meta, distill.train_splits)
+    splits = splits or split_datasets(table_dir, distill.train_splits, distill.table_placement)
     storage = storage_path(distill.storage_dir)
     run_name = training_name(name, meta, distill, teacher, run.run_id if run else str(int(time.time())))
     if run:
         run.log_params({"distill": distill.model_dump(mode="json"), "feature_table": str(table_dir),
-                           "train_run": run_path(storage, run_name)})
+                        "train_run": run_path(storage, run_name), **splits.placement.params()})
     spec = LoopSpec.for_run(distill, meta, teacher, run, fail_after)
-    trainer = make_trainer(spec, datasets, run_name, storage)
+    trainer = make_trainer(spec, splits, run_name, storage)
     result = trainer.fit()
     best = result.get_best_checkpoint(TARGET_METRIC, "max") or result.checkpoint
     out_dir = Path(cfg.output_dir).resolve() / "models"

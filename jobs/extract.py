@@ -34,6 +34,7 @@ from core.locks import exclusive
 from core.teachers import build_teacher, teacher_identity
 from core.video import VideoDecodeError, decode_video, set_decoder_logging
 from jobs.runtime import cluster_cpus, cluster_gpus, init_ray, verbose, want_gpu
+from jobs.tables import read_table_dataset
 
 if TYPE_CHECKING:  # the workers that run this module's UDFs never import MLflow
     from jobs.tracking import RunLogger
@@ -90,6 +91,8 @@ class TableSink(Datasink):
 
 
 _DECODED = pa.schema(list(SCHEMA) + [pa.field(TableSink.ERROR, pa.string())])
+_WORK_LIST = pa.schema([("video_id", pa.string()), ("path", pa.string()), ("captions", pa.list_(pa.string())),
+                        ("split", pa.string())])
 
 
 class ExtractError(RuntimeError):
@@ -233,6 +236,22 @@ def run_extract(
 
 
 WRITE_CONCURRENCY = 2
+WORK_LIST_ROWS = 4096  # manifest rows per work-list file
+
+
+def write_work_list(inputs: list[dict[str, Any]], directory: Path) -> Path:
+    """The videos to extract as Parquet files beside the staging table (on the cache's shared
+    filesystem, so every node reads them); removed with the staging table when a job dies."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for n, start in enumerate(range(0, len(inputs), WORK_LIST_ROWS)):
+        pq.write_table(pa.Table.from_pylist(inputs[start : start + WORK_LIST_ROWS], schema=_WORK_LIST),
+                       directory / f"inputs-{n:06d}.parquet")
+    return directory
+
+
+def read_work_list(directory: Path, num_blocks: int) -> Any:
+    """The work list as a dataset of `num_blocks` blocks, read (and split) as the stream asks."""
+    return read_table_dataset(directory, override_num_blocks=num_blocks)
 
 
 def actor_pool_size(ecfg: ExtractConfig, use_gpu: bool, num_videos: int) -> int:
@@ -263,10 +282,14 @@ def _build_table(
     if not inputs:
         raise ExtractError("no video in the manifest has a caption")
 
+    staging = features.staging_dir(table_dir)
+    work_list = write_work_list(inputs, staging.with_name(staging.name + "-inputs"))
     init_ray(ray_cfg)
     use_gpu = want_gpu(ecfg.use_gpu)
     num_blocks = max(1, -(-len(inputs) // ecfg.decode_batch_size))
-    ds = ray.data.from_items(inputs, override_num_blocks=num_blocks).map_batches(
+    # the manifest is read as a stream of work-list files (one decode batch a block), not put into
+    # the object store whole, as `from_items` would: at millions of clips that is gigabytes
+    ds = read_work_list(work_list, num_blocks).map_batches(
         decode_rows,
         fn_kwargs={"num_frames": ecfg.num_frames, "image_size": ecfg.image_size, "frames_codec": ecfg.frames_codec},
         batch_format="pyarrow",
@@ -289,7 +312,6 @@ def _build_table(
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )
-    staging = features.staging_dir(table_dir)
     # One streaming pass: decoded, encoded, written, the failures split off; the object store holds
     # only the blocks in flight. The writes take no CPU of their own: on CPU the teacher's actors
     # hold every CPU, and a write waiting for one would let encoded blocks pile up. Two at a time:
@@ -300,6 +322,8 @@ def _build_table(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(work_list, ignore_errors=True)
     failures += sink.failures
     if not sink.counts:
         shutil.rmtree(staging, ignore_errors=True)

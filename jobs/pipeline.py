@@ -20,12 +20,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from core.config import DistillConfig, TeacherConfig, VidkdConfig, digest, dump_config, load_config
 from core.datasets import VideoRecord, read_manifest, read_msrvtt
 from core.locks import exclusive
 from jobs.tracking import RunLogger, pipeline_params
+
+if TYPE_CHECKING:  # the stages import Ray when they run, not when the CLI starts
+    from jobs.tables import TableSplits
 
 log = logging.getLogger("vidkd.pipeline")
 
@@ -88,7 +91,7 @@ class Context:
     given_table: Path | None = None
     given_checkpoint: Path | None = None
     restart_tune: bool = False
-    datasets: dict | None = None  # the table's splits as Ray Datasets, when extract ran in this job
+    splits: TableSplits | None = None  # the table's splits, when extract ran in this job
     _records: list[VideoRecord] | None = None
 
     @property
@@ -180,13 +183,13 @@ def _build_extract(ctx: Context) -> dict:
     """The teacher's feature table. Extraction addresses its own output (the table's content key:
     videos, teacher weights, frame sampling) and reuses a committed table with that key."""
     from jobs.extract import run_extract
-    from jobs.trainer import split_datasets
+    from jobs.tables import split_datasets
 
     run = ctx.child("extract")
     with run.running():
         table = run_extract(ctx.cfg, ctx.records, teacher=ctx.teacher, run=run)
     if not table.cache_hit:  # read back once for the stages after it: Tune's trials and distill share them
-        ctx.datasets = split_datasets(table.table_dir, table.meta, ctx.cfg.distill.train_splits)
+        ctx.splits = split_datasets(table.table_dir, ctx.cfg.distill.train_splits, ctx.cfg.distill.table_placement)
     return {"table_dir": str(table.table_dir), "videos": table.num_videos, "failures": len(table.failures)}
 
 
@@ -199,7 +202,7 @@ def _build_tune(ctx: Context) -> dict:
 
     run = ctx.child("tune")
     with run.running():
-        result = run_tune(ctx.cfg, ctx.table_dir, ctx.datasets, run=run, teacher=ctx.teacher,
+        result = run_tune(ctx.cfg, ctx.table_dir, ctx.splits, run=run, teacher=ctx.teacher,
                           restart=ctx.restart_tune or "tune" in ctx.cache.forced)
     return {"best_config": str(result.config_path), "best_params": result.best_params,
             "best_metric": result.best_metric, "ranked": ranked_trials(result.trials, list(ctx.cfg.tune.space))}
@@ -216,7 +219,7 @@ def _train(name: str, settings: Callable[[Context], DistillConfig]) -> tuple[Cal
 
         run = ctx.child(name)
         with run.running():
-            result = run_distill(ctx.cfg, ctx.table_dir, ctx.datasets, distill=ctx.cache.from_scratch("distill", settings(ctx)),
+            result = run_distill(ctx.cfg, ctx.table_dir, ctx.splits, distill=ctx.cache.from_scratch("distill", settings(ctx)),
                                  run=run, name=name, teacher=ctx.teacher)
         return {"checkpoint": str(result.checkpoint), "metrics": result.metrics, "run_id": run.run_id}
 

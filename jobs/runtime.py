@@ -255,7 +255,7 @@ def quiet_training_worker() -> None:
     lines (open_clip's, at each model build) would show: back to the driver's level. And no
     per-report dump of every metric from Ray Train's context, whose logger is named after its
     file. (The datasets it reads carry their own no-progress-bar context from
-    `jobs.trainer.split_datasets`.)"""
+    `jobs.tables.split_datasets`.)"""
     logging.getLogger().setLevel(log_level())
     quiet_ray_data()
     try:

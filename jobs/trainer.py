@@ -9,7 +9,6 @@ it needs is a typed `LoopSpec`; only the `Session` it is handed differs between 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from core.student import build_student, load_student, save_student
 from core.teachers import build_teacher
 from core.training import TrainStep, distill_loss, pick_captions, warmup_cosine
 from jobs.runtime import quiet_training_worker, want_gpu
+from jobs.tables import TableSplits
 from jobs.tracking import RunLogger
 
 log = logging.getLogger("vidkd.distill")
@@ -317,54 +317,11 @@ def train_videos(meta: TableMeta, distill: DistillConfig) -> int:
     return sum(meta.counts.get(split, 0) for split in distill.train_splits)
 
 
-# ------------------------------------------------------------------------------ the data
-def split_datasets(table: Any, meta: TableMeta, train_splits: list[str] | None = None) -> dict[str, Any]:
-    """{"train", "val", "test"} Ray Datasets from a materialized dataset or a table directory;
-    "train" holds the rows of `train_splits` (default: the train split)."""
-    from ray.data.expressions import col
-
-    if isinstance(table, (str, Path)):
-        table = read_table_dataset(table)
-    # bookkeeping before the first epoch: no bar (and, where stdout is not a terminal, no block of
-    # progress lines) for each of the three splits; the datasets derived from here on copy this
-    table.context.enable_progress_bars = False
-    wanted = {"train": train_splits or ["train"], "val": ["val"], "test": ["test"]}
-    # each split is read every epoch, without a bar: the epoch's log line says enough
-    return {name: table.filter(expr=col("split").is_in(splits)).materialize() for name, splits in wanted.items()}
-
-
-def read_table_dataset(table_dir: str | Path) -> Any:
-    """A feature table's Parquet parts as one Ray Dataset. Through Ray Data's
-    first Parquet reader unless $RAY_DATA_USE_DATASOURCE_V2 says otherwise: Ray 2.60's DataSourceV2
-    lists the files in a task of its own that waits about 3 s for its thread pool whatever the
-    table's size (0.6 s against 3.3 s for a 40-video table here), and a training reads its table
-    once per split. The reader's sampling of a few files shows no bar: it takes a moment."""
-    from ray.data import DataContext
-
-    context = DataContext.get_current()
-    previous = context.use_datasource_v2, context.enable_progress_bars
-    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
-        context.use_datasource_v2 = False
-    context.enable_progress_bars = False
-    try:
-        return ray.data.read_parquet(str(table_dir), file_extensions=["parquet"])
-    finally:
-        context.use_datasource_v2, context.enable_progress_bars = previous
-
-
-def shuffled_blocks(train: Any, seed: int) -> Any:
-    """The train split with its blocks in a new order every epoch, reproducible from the seed.
-    A table is in manifest order (for driving data: consecutive clips of one drive) and the local
-    shuffle buffer mixes only a few batches, so without this a batch's negatives would come from
-    one stretch of the manifest, the same stretch every epoch."""
-    return train.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
-
-
 # ------------------------------------------------------------------------------ the trainer
-def make_trainer(spec: LoopSpec, datasets: dict[str, Any], name: str, storage: str,
+def make_trainer(spec: LoopSpec, splits: TableSplits, name: str, storage: str,
                  callbacks: list | None = None) -> TorchTrainer:
-    """The `TorchTrainer` of one training: `distill.num_workers` workers on the train split (its
-    blocks reshuffled every epoch) and val, one checkpoint kept (the best by val R@1), Ray's
+    """The `TorchTrainer` of one training: `distill.num_workers` workers on the train split (in a
+    new order every epoch) and val, one checkpoint kept (the best by val R@1), Ray's
     worker restarts up to `distill.max_failures`. Distill fits it; a multi-worker Tune trial fits
     it with Tune's report callback."""
     distill = spec.distill
@@ -373,7 +330,7 @@ def make_trainer(spec: LoopSpec, datasets: dict[str, Any], name: str, storage: s
         train_loop_config=spec.to_config(),
         scaling_config=ScalingConfig(num_workers=distill.num_workers, use_gpu=want_gpu(distill.use_gpu),
                                      resources_per_worker={"CPU": distill.cpus_per_worker}),
-        datasets={"train": shuffled_blocks(datasets["train"], distill.seed), "val": datasets["val"]},
+        datasets={"train": splits.train(distill.seed), "val": splits.split("val")},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=name,

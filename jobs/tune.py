@@ -28,8 +28,8 @@ from core.calibration import Calibration, resolve_temperatures
 from core.config import DistillConfig, SearchDim, TeacherConfig, VidkdConfig, digest, dump_config
 from core.features import TableMeta, read_meta
 from jobs.distill import check_table, log_calibration
-from jobs.trainer import (FIRST_STEP_KEY, TARGET_METRIC, LoopSpec, TuneSession, make_trainer, shuffled_blocks,
-                          split_datasets, train_loop)
+from jobs.tables import TableSplits, split_datasets
+from jobs.trainer import FIRST_STEP_KEY, TARGET_METRIC, LoopSpec, TuneSession, make_trainer, train_loop
 from jobs.plots import metric_vs_params, trial_curves
 from jobs.runtime import cluster_cpus, init_ray, quiet_env, run_path, storage_path
 from jobs.tracking import RunLogger
@@ -140,7 +140,7 @@ def experiment_name(cfg: VidkdConfig, table_key: str) -> str:
 
 
 def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: RunLogger | None,
-               storage: str, datasets: dict) -> None:
+               storage: str, splits: TableSplits) -> None:
     """One trial: a distill run with the sampled settings, logged as a child of the search."""
     distill = apply_params(DistillConfig.model_validate(base), params)
     trial_id = tune.get_context().get_trial_id()
@@ -149,14 +149,14 @@ def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: R
         run.log_params({"trial_id": trial_id, **params})
     spec = LoopSpec.for_run(distill, TableMeta(**meta), TeacherConfig.model_validate(teacher), run)
     if distill.num_workers == 1:
-        train_loop(spec.to_config(), TuneSession({**datasets, "train": shuffled_blocks(datasets["train"], distill.seed)}))
+        train_loop(spec.to_config(), TuneSession({"train": splits.train(distill.seed), "val": splits.split("val")}))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    make_trainer(spec, datasets, f"trial-{trial_id}", storage, callbacks=[TuneReportCallback()]).fit()
+    make_trainer(spec, splits, f"trial-{trial_id}", storage, callbacks=[TuneReportCallback()]).fit()
 
 
-def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = None,
+def run_tune(cfg: VidkdConfig, table_dir: str | Path, splits: TableSplits | None = None,
              run: RunLogger | None = None, restart: bool = False,
              teacher: TeacherConfig | None = None) -> TuneResult:
     """Search the distill settings of `cfg.tune.space`; `teacher` as in `run_distill`.
@@ -174,7 +174,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     base, calibration = resolve_temperatures(base, table_dir, teacher or cfg.extract.teacher)
     if calibration:
         log_calibration(calibration, run)
-    datasets = datasets or split_datasets(table_dir, meta, base.train_splits)
+    splits = splits or split_datasets(table_dir, base.train_splits, base.table_placement)
     trial_resources = {"cpu": tune_cfg.cpus_per_worker, "gpu": tune_cfg.gpus_per_worker}
     if tune_cfg.workers_per_trial > 1:
         trial_resources = {"cpu": 0}  # the trial only drives a TorchTrainer, whose workers hold the resources
@@ -184,12 +184,12 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, datasets: dict | None = No
     name = experiment_name(cfg, meta.cache_key)
     if run:
         run.log_params({"tune": tune_cfg.model_dump(mode="json"), "max_concurrent": max_concurrent,
-                           "experiment": name})
+                        "experiment": name, **splits.placement.params()})
 
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, base=base.model_dump(mode="json"), meta=meta.__dict__,
                              teacher=(teacher or cfg.extract.teacher).model_dump(mode="json"), parent=run,
-                             storage=storage, datasets=datasets),
+                             storage=storage, splits=splits),
         trial_resources,
     )
     path = run_path(storage, name)

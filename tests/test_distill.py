@@ -17,7 +17,8 @@ from core.teachers import build_teacher
 from core.training import cached_teacher, online_teacher, warmup_cosine
 from jobs.distill import check_table, run_distill, training_name
 from jobs.extract import run_extract
-from jobs.trainer import STATE_FILE, shuffled_blocks, split_datasets, train_videos
+from jobs.tables import TablePlacement, shuffled_blocks, split_datasets
+from jobs.trainer import STATE_FILE, train_videos
 from core.features import table_batches
 from jobs.tracking import RunLogger
 from tests.conftest import tiny_config
@@ -129,7 +130,8 @@ def test_online_teacher_gives_the_loss_what_the_cache_gives(teacher_table):
 def test_no_teacher_dldkd_and_the_online_teacher_train(teacher_table, plain_student, tmp_path):
     """The modes beside cached TeachCLIP: no teacher, and DLDKD fed by the online teacher (one
     training runs both: the objective and the teacher's source are independent, and the online
-    teacher's equivalence to the cache is pinned in the test above, term by term)."""
+    teacher's equivalence to the cache is pinned in the test above, term by term), on a streamed
+    table."""
     cfg, table = teacher_table
     _, result = plain_student
     assert set(k for k in result.history[0] if k.startswith("train_")) >= {"train_loss", "train_infonce"}
@@ -137,27 +139,40 @@ def test_no_teacher_dldkd_and_the_online_teacher_train(teacher_table, plain_stud
 
     online_dldkd = cfg.distill.model_copy(update={
         "epochs": 1, "num_workers": 1, "teacher_mode": "online", "storage_dir": str(tmp_path / "b"),
+        "table_placement": "stream",  # read from Parquet each epoch, as a table too big to hold is
         "loss": cfg.distill.loss.model_copy(update={"objective": "dldkd"})})
     result = run_distill(cfg, table.table_dir, distill=online_dldkd, name="online-dldkd", teacher=cfg.extract.teacher)
     epoch = result.history[0]
     assert all(math.isfinite(epoch[f"train_{t}"]) for t in ("feat", "kl", "explore")), epoch
 
 
-def test_train_splits_choose_the_rows_a_training_reads(ray_local):
-    import ray
+@pytest.mark.parametrize("placement", ["object_store", "stream"])
+def test_train_splits_choose_the_rows_a_training_reads(ray_local, tmp_path, placement):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    rows = [{"video_id": f"v{i}", "split": split} for i, split in enumerate(["train", "pool", "val", "test", "pool"])]
+    splits = ["train", "pool", "val", "test", "pool"] * 4
+    for part in range(4):  # a table's parts, each in manifest order
+        rows = range(5 * part, 5 * part + 5)
+        pq.write_table(pa.table({"video_id": [f"v{i:02d}" for i in rows], "split": [splits[i] for i in rows]}),
+                       tmp_path / f"part-{part:06d}.parquet")
     meta = TableMeta(num_frames=4, image_size=32, teacher={"kind": "none"},
-                     counts={"train": 1, "pool": 2, "val": 1, "test": 1})
-    table = ray.data.from_items(rows)
-    ids = lambda ds: sorted(r["video_id"] for r in ds.take_all())  # noqa: E731
-    student = split_datasets(table, meta)
-    assert ids(student["train"]) == ["v0"] and ids(student["val"]) == ["v2"] and ids(student["test"]) == ["v3"]
-    teacher = split_datasets(table, meta, ["train", "pool"])
-    assert ids(teacher["train"]) == ["v0", "v1", "v4"] and ids(teacher["val"]) == ["v2"]
-    assert train_videos(meta, DistillConfig(train_splits=["train", "pool"])) == 3
+                     counts={"train": 4, "pool": 8, "val": 4, "test": 4})
+    ids = lambda ds: [r["video_id"] for r in ds.iter_rows()]  # noqa: E731
+    student = split_datasets(tmp_path, placement=placement)
+    assert student.placement.held == (placement == "object_store")
+    assert sorted(ids(student.train(seed=0))) == ["v00", "v05", "v10", "v15"]
+    assert sorted(ids(student.split("val"))) == ["v02", "v07", "v12", "v17"]
+    assert sorted(ids(student.split("test"))) == ["v03", "v08", "v13", "v18"]
+    teacher = split_datasets(tmp_path, ["train", "pool"], placement)
+    train = teacher.train(seed=3)  # one dataset, read once per epoch
+    epochs = [ids(train) for _ in range(4)]
+    assert sorted(epochs[0]) == sorted(f"v{i:02d}" for i in range(20) if splits[i] in ("train", "pool"))
+    assert len({tuple(epoch) for epoch in epochs}) > 1  # a new order from one epoch to the next
+    assert train_videos(meta, DistillConfig(train_splits=["train", "pool"])) == 12
     with pytest.raises(ValueError, match="has 1 train videos"):
-        check_table(meta, DistillConfig(teacher_mode="none", loss={"objective": "none"}, batch_size=2, num_workers=1),
+        check_table(TableMeta(num_frames=4, image_size=32, teacher={"kind": "none"}, counts={"train": 1, "val": 1}),
+                     DistillConfig(teacher_mode="none", loss={"objective": "none"}, batch_size=2, num_workers=1),
                     "features/abc")
 
 
@@ -166,6 +181,15 @@ def test_frames_only_table_refuses_cached_mode(ray_local, synth_dataset, tmp_pat
     table = run_extract(cfg)
     with pytest.raises(ValueError, match="holds no teacher embeddings"):
         run_distill(cfg, table.table_dir)
+
+
+def test_a_table_is_held_in_the_object_store_only_when_it_fits():
+    assert TablePlacement.decide(40 * 2**20, 100 * 2**20, "auto").held
+    streamed = TablePlacement.decide(60 * 2**20, 100 * 2**20, "auto")
+    assert not streamed.held and streamed.params()["table_placement"] == "stream"
+    assert "60.0 MiB against an object store of 100 MiB" in streamed.describe()
+    assert TablePlacement.decide(60 * 2**20, 100 * 2**20, "object_store").held
+    assert not TablePlacement.decide(1, 100 * 2**20, "stream").held
 
 
 @pytest.mark.parametrize("counts, distill, message", [
