@@ -64,7 +64,7 @@ class Protocol:
         with run.running():
             ctx = run_stages(Context(cfg, self.cache, run), until="extract")
         meta = read_meta(ctx.table_dir)
-        splits = ctx.splits or split_datasets(ctx.table_dir, cfg.distill.train_splits, cfg.distill.table_placement)
+        splits = ctx.splits or split_datasets(ctx.table_dir, cfg.distill)
         test = table_batches(ctx.table_dir, meta, "test")
         row = evaluate_teacher_table(test)
         teacher = ctx.teacher

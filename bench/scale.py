@@ -1,6 +1,7 @@
 """Does extract stream, and does training read its table as a stream? Memory and rate against size.
 
-    python bench/scale.py [--sizes 1000 5000 20000] [--base 200] [--placement stream] [--out runs/bench-scale]
+    python bench/scale.py [--sizes 1000 5000 20000] [--base 200] [--placement stream] [--buffer-mib 16]
+                          [--out runs/bench-scale]
 
 For each size N: a manifest of N clips, extract (decode -> teacher -> Parquet parts) into a fresh
 table, then one distill epoch on it, on one local Ray instance. Sampled every 0.25 s while they
@@ -8,7 +9,9 @@ run: the driver's RSS, the RSS of every process of this Ray instance (the larges
 sum), and the object store's bytes in use and spilled. Reported per size: wall time and videos/s
 of each stage, and those peaks. Streaming means the rate is flat across sizes and the peaks stay
 at the smallest size's. The training reads its table as `--placement` says (default `stream`: as
-a table too big for the object store is read; `auto` holds these small tables there).
+a table too big for the object store is read; `auto` holds these small tables there), reading
+ahead at most `--buffer-mib` (distill.stream_buffer_mib: its default of 256 MiB is more than these
+tiny tables, so the bench sets a bound they exceed).
 
 The N clips are `--base` rendered clips (tiny: 64x48 at 6 fps, 1-2 s, via `vidkd data synth`),
 each linked under N / base names: every video is decoded and encoded on its own, and rendering
@@ -121,7 +124,8 @@ def scaled_manifest(root: Path, base: list[VideoRecord], size: int) -> Path:
     return manifest
 
 
-def measure(root: Path, manifest: Path, size: int, raylet_pid: int, address: str, placement: str) -> dict:
+def measure(root: Path, manifest: Path, size: int, raylet_pid: int, address: str, placement: str,
+            buffer_mib: int) -> dict:
     from jobs.distill import run_distill
     from jobs.extract import run_extract
 
@@ -132,7 +136,8 @@ def measure(root: Path, manifest: Path, size: int, raylet_pid: int, address: str
         "extract": {"teacher": teacher.model_dump(), "num_frames": 4, "image_size": 32,
                     "cache_dir": str(work / "features")},
         "distill": {"student": {"model": "vidkd-vit-micro"}, "epochs": 1, "batch_size": 64, "num_workers": 1,
-                    "storage_dir": str(work / "train"), "eval_batch_size": 256, "table_placement": placement},
+                    "storage_dir": str(work / "train"), "eval_batch_size": 256, "table_placement": placement,
+                    "stream_buffer_mib": buffer_mib},
         "output_dir": str(work / "runs"),
         "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"},
     })
@@ -186,6 +191,7 @@ def main() -> None:
     parser.add_argument("--base", type=int, default=200, help="rendered clips behind the links")
     parser.add_argument("--placement", choices=["stream", "auto", "object_store"], default="stream",
                         help="distill.table_placement of the training")
+    parser.add_argument("--buffer-mib", type=int, default=16, help="distill.stream_buffer_mib of the training")
     parser.add_argument("--out", default="runs/bench-scale")
     args = parser.parse_args()
 
@@ -200,7 +206,7 @@ def main() -> None:
     init_ray(RayConfig())
     node = ray._private.worker.global_worker.node
     raylet_pid = node.all_processes["raylet"][0].process.pid
-    rows = [measure(root, manifest, size, raylet_pid, node.gcs_address, args.placement)
+    rows = [measure(root, manifest, size, raylet_pid, node.gcs_address, args.placement, args.buffer_mib)
             for size, manifest in manifests.items()]
     text = report(rows)
     print(text)

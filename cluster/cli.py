@@ -174,17 +174,101 @@ def pipeline(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     from_: Optional[str] = typer.Option(None, "--from", help="Re-run from this stage: data, teacher, extract, "
-                                        "tune, distill, baseline, quantize. Trainings from it start from scratch; extract "
+                                        "tune, distill, baseline, quantize, index. Trainings from it start from scratch; extract "
                                         "still reuses a committed feature table with the same content key (it "
                                         "would be the same table)"),
     verbose: bool = VerboseOpt,
 ) -> None:
-    """The whole workflow: data -> teacher -> extract -> tune -> distill -> quantize -> report."""
+    """The whole workflow: data -> teacher -> extract -> tune -> distill -> quantize -> report (-> index)."""
     from jobs.pipeline import STAGES, run_pipeline
 
     if from_ and from_ not in STAGES:
         _fail(f"--from {from_}: expected one of {', '.join(STAGES)}")
     run_pipeline(_prepare("pipeline", config, set_, verbose), from_stage=from_)
+
+
+# ---------------------------------------------------------------------- using the student
+@app.command()
+def index(
+    model: str = typer.Option(..., "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, a student checkpoint "
+                              "file or a quantized student directory"),
+    manifest: Path = typer.Option(..., "--manifest", help="The videos to index (JSONL or CSV, as for extract)"),
+    out: Path = typer.Option(..., "--out", help="The index directory (updated in place when it exists)"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    kernel: str = typer.Option("auto", "--kernel", help="INT4 kernel: auto, fused or torch"),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Embed a video collection with a student into a searchable index (a Ray Data job; incremental)."""
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    try:
+        from core.datasets import read_manifest
+
+        read_manifest(manifest)
+        if not model.startswith("models:/"):
+            from jobs.inputs import check_student
+
+            check_student(Path(model), "--model")
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+    from jobs.index import run_index
+
+    try:
+        result = run_index(cfg, model, manifest, out, kernel=kernel)
+    except (FileNotFoundError, ValueError) as error:  # an unknown registered model or alias
+        _fail(str(error))
+    typer.echo(f"index: {result.meta.videos} videos in {result.index_dir} ({result.embedded} embedded, "
+               f"{result.kept} kept, {len(result.meta.failures)} failed)")
+
+
+@app.command()
+def search(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="An index directory written by `vidkd index`"),
+    query: str = typer.Argument(..., help="What to look for, in words"),
+    k: int = typer.Option(5, "-k", "--top", help="How many hits"),
+    sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also write a contact sheet of the hits' middle frames (PNG)"),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Search an index by text: ranked ids, scores and paths."""
+    _setup_logging(verbose)
+    from core.index import search_index  # neither Ray nor MLflow: the index carries its student
+
+    if k < 1:
+        _fail(f"-k {k}: give at least 1")
+    try:
+        hits = search_index(index_dir, query, k)
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+    width = max([len(hit.video_id) for hit in hits] + [8])
+    typer.echo(f"{'rank':>4}  {'video_id':<{width}}  {'score':>6}  path")
+    for hit in hits:
+        typer.echo(f"{hit.rank:>4}  {hit.video_id:<{width}}  {hit.score:>6.3f}  {hit.path}")
+    if sheet is not None:
+        from jobs.plots import contact_sheet
+
+        contact_sheet(hits, query).savefig(sheet, dpi=100)
+        typer.echo(f"contact sheet: {sheet}")
+
+
+@app.command()
+def promote(
+    name: str = typer.Argument("vidkd-student-int4", help="The registered model"),
+    version: Optional[str] = typer.Option(None, "--version", help="Default: the version aliased candidate"),
+    alias: str = typer.Option("champion", "--alias"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Point an alias (champion) at a registered student's version (default: the candidate)."""
+    cfg = _load(config, set_)
+    from jobs.registry import promote as promote_version
+    from jobs.tracking import tracking_uri
+
+    try:
+        model = promote_version(tracking_uri(cfg.tracking, cfg.output_dir), name, version, alias)
+    except ValueError as error:
+        _fail(str(error))
+    typer.echo(f"{name}@{alias} -> version {model.version}")
 
 
 # ------------------------------------------------------------------------- cluster and jobs

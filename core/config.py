@@ -206,10 +206,10 @@ class DistillConfig(_Strict):
     # Started again, the same training (stage, table, teacher, settings) continues from its last
     # checkpoint in storage_dir; a finished one is returned as it is. false: train from scratch.
     resume: bool = True
-    # Where a training keeps the feature table: held in the object store (read once, shared by
-    # Tune's trials), streamed from Parquet every epoch, or auto: held when it takes at most half
-    # of the object store (`jobs.tables.place_table`).
+    # The feature table held in the object store, streamed from Parquet every epoch (reading ahead
+    # at most stream_buffer_mib), or auto: held when it fits half the store (jobs/tables.py).
     table_placement: Literal["auto", "object_store", "stream"] = "auto"
+    stream_buffer_mib: int = Field(256, ge=8)
 
     @model_validator(mode="after")
     def _mode(self) -> "DistillConfig":
@@ -305,6 +305,12 @@ class QuantizeConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------ tracking, ray
+class RegistryConfig(_Strict):  # quantize registers both students under these names (alias candidate)
+    enabled: bool = True
+    student_name: str = Field("vidkd-student", min_length=1)
+    int4_name: str = Field("vidkd-student-int4", min_length=1)
+
+
 class TrackingConfig(_Strict):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
     experiment: str = "vidkd"
@@ -315,17 +321,21 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local instance
 
 
-class ReportConfig(_Strict):
-    """The pipeline's closing table."""
-
+class ReportConfig(_Strict):  # the pipeline's closing table
     # The student's R@1 std over seeds for this config, as bench/quality.py measured it: the
     # closing table says how large a difference must be to be more than run-to-run noise.
     seed_std_r1: float | None = Field(None, ge=0)
 
 
-class TeacherTrainingConfig(_Strict):
-    """The demo trains its own teacher: distill with no teacher, on a larger model."""
+class IndexConfig(_Strict):  # the pipeline's last stage: a split indexed with the INT4 student, queries searched
+    enabled: bool = False
+    split: Literal["train", "val", "test"] = "test"
+    out: str | None = None  # default: <output_dir>/index
+    queries: list[str] = Field(default_factory=list)
+    top_k: int = Field(3, ge=1)
 
+
+class TeacherTrainingConfig(_Strict):  # the demo trains its own teacher: distill with no teacher, a larger model
     distill: DistillConfig
 
 
@@ -335,6 +345,8 @@ class VidkdConfig(_Strict):
     distill: DistillConfig = DistillConfig()
     tune: TuneConfig = TuneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    registry: RegistryConfig = RegistryConfig()
+    index: IndexConfig = IndexConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     teacher_training: TeacherTrainingConfig | None = None

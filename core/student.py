@@ -330,3 +330,12 @@ def load_quantized_student(out_dir: str | Path, device: str = "cpu", kernel: Qua
     from core.quant import load_quantized  # gptqmodel's import is slow: only loading pays it
 
     return load_quantized(out_dir, build_student_skeleton, device=device, kernel=kernel)
+
+
+def load_student_model(path: str | Path, device: str = "cpu", kernel: QuantKernel = "auto") -> VideoTextStudent:
+    """A student for inference from either form the pipeline writes: a checkpoint file (fp32) or a
+    quantized checkpoint directory (INT4 on `kernel`)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_quantized_student(path, device, kernel=kernel).eval()
+    return load_student(path, device).eval()

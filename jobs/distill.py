@@ -99,7 +99,7 @@ def run_distill(
     distill, calibration = resolve_temperatures(distill, table_dir, teacher)
     if calibration:
         log_calibration(calibration, run)
-    splits = splits or split_datasets(table_dir, distill.train_splits, distill.table_placement)
+    splits = splits or split_datasets(table_dir, distill)
     storage = storage_path(distill.storage_dir)
     run_name = training_name(name, meta, distill, teacher, run.run_id if run else str(int(time.time())))
     if run:

@@ -250,8 +250,10 @@ def write_work_list(inputs: list[dict[str, Any]], directory: Path) -> Path:
 
 
 def read_work_list(directory: Path, num_blocks: int) -> Any:
-    """The work list as a dataset of `num_blocks` blocks, read (and split) as the stream asks."""
-    return read_table_dataset(directory, override_num_blocks=num_blocks)
+    """The work list as a dataset of `num_blocks` blocks, read (and split) as the stream asks. The
+    reads ask for no CPU, as the writes: on CPU the teacher's actors hold every CPU, and a read
+    waiting for one would never start."""
+    return read_table_dataset(directory, override_num_blocks=num_blocks, num_cpus=0)
 
 
 def actor_pool_size(ecfg: ExtractConfig, use_gpu: bool, num_videos: int) -> int:

@@ -89,3 +89,15 @@ def _check_path(path: Path, field: str, kind: str) -> Path:
     if kind == "dir" and not path.is_dir():
         raise ValueError(f"{field}: {path} is a file, not a directory")
     return path
+
+
+def check_student(path: Path, field: str) -> Path:
+    """A student the pipeline wrote: a checkpoint file, or a quantized directory."""
+    from core.quant.packing import CONFIG_FILE
+
+    path = path.expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{field}: {path} not found")
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        raise ValueError(f"{field}: {path} is a directory but not a quantized student (no {CONFIG_FILE})")
+    return path

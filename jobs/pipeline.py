@@ -189,7 +189,7 @@ def _build_extract(ctx: Context) -> dict:
     with run.running():
         table = run_extract(ctx.cfg, ctx.records, teacher=ctx.teacher, run=run)
     if not table.cache_hit:  # read back once for the stages after it: Tune's trials and distill share them
-        ctx.splits = split_datasets(table.table_dir, ctx.cfg.distill.train_splits, ctx.cfg.distill.table_placement)
+        ctx.splits = split_datasets(table.table_dir, ctx.cfg.distill)
     return {"table_dir": str(table.table_dir), "videos": table.num_videos, "failures": len(table.failures)}
 
 
@@ -236,7 +236,45 @@ def _build_quantize(ctx: Context) -> dict:
     run = ctx.child("quantize")
     with run.running():
         result = run_quantize(ctx.cfg, ctx.student, ctx.table_dir, run=run)
-    return {"output_dir": str(result.output_dir), "report": result.report, "report_text": result.report_text}
+        registered = _register(ctx, run, result.output_dir, result.embed_dim) if ctx.cfg.registry.enabled else {}
+    return {"output_dir": str(result.output_dir), "report": result.report, "report_text": result.report_text,
+            "registered": registered}
+
+
+def _register(ctx: Context, run: RunLogger, int4_dir: Path, embed_dim: int) -> dict[str, str]:
+    """Both students into the Model Registry, logged under the quantize run, with their lineage."""
+    from core.teachers import teacher_identity
+    from jobs.registry import register_students
+
+    lineage = {"vidkd.pipeline_run": ctx.run.run_id, "vidkd.teacher": json.dumps(teacher_identity(ctx.teacher)),
+               "vidkd.feature_table": str(ctx.table_dir)}
+    models = register_students(run.uri, run.run_id, ctx.cfg.registry, ctx.student, int4_dir, embed_dim, lineage)
+    return {precision: model.uri for precision, model in models.items()}
+
+
+def _index_dir(ctx: Context) -> Path:
+    return Path(ctx.cfg.index.out or Path(ctx.cfg.output_dir) / "index").resolve()
+
+
+def _index_key(ctx: Context) -> Any:
+    return [ctx.outputs["quantize"]["output_dir"], ctx.cfg.index.split, str(_index_dir(ctx))]
+
+
+def _build_index(ctx: Context) -> dict:
+    """The configured split's videos indexed with the INT4 student (its registered version when
+    the registry is on: the index then names it)."""
+    from jobs.index import run_index
+
+    quantized = ctx.outputs["quantize"]
+    model = quantized.get("registered", {}).get("int4") or quantized["output_dir"]
+    records = [r for r in ctx.records if r.split == ctx.cfg.index.split]
+    run = ctx.child("index")
+    with run.running():
+        result = run_index(ctx.cfg, model, None, _index_dir(ctx), records=records)
+        run.log_params({"model": model, "split": ctx.cfg.index.split, "index_dir": str(result.index_dir)})
+        run.log_metrics({"videos": result.meta.videos, "failures": len(result.meta.failures),
+                         "wall_time_s": result.seconds})
+    return {"index_dir": str(result.index_dir), "model": model, "videos": result.meta.videos}
 
 
 @dataclass(frozen=True)
@@ -264,6 +302,8 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("baseline", *_train("distill-no-teacher", lambda ctx: ctx.baseline), _exists("checkpoint"),
           label="distill-no-teacher", for_report=True),
     Stage("quantize", _quantize_key, _build_quantize, _exists("output_dir")),
+    Stage("index", _index_key, _build_index, _exists("index_dir"), enabled=lambda cfg: cfg.index.enabled,
+          for_report=True),
 )
 STAGES = tuple(stage.name for stage in STAGE_TABLE)
 
@@ -305,8 +345,24 @@ def run_pipeline(cfg: VidkdConfig, from_stage: str | None = None) -> dict:
                                ctx.outputs["quantize"]["output_dir"], parent)
         parent.log_metrics({"pipeline_wall_time_s": time.perf_counter() - start})
     print(summary["text"])
+    if "index" in ctx.outputs:
+        print(index_lines(ctx.outputs["index"], cfg.index.queries, cfg.index.top_k))
     print(f"\nMLflow: vidkd ui   (or: mlflow ui --backend-store-uri {parent.uri})")
     return summary
+
+
+def index_lines(index: dict, queries: list[str], k: int) -> str:
+    """The demo's closing search: the top hits of each query, and the command to search more."""
+    from core.index import Searcher
+
+    lines = [f"\nIndex: {index['videos']} videos embedded by {index['model']} in {index['index_dir']}"]
+    searcher = Searcher(index["index_dir"])
+    for query in queries:
+        hits = searcher.search(query, k)
+        lines.append(f'  "{query}": ' + ", ".join(f"{h.video_id} ({h.score:.2f})" for h in hits))
+    example = queries[0] if queries else "a red car turning left at night"
+    lines.append(f'Search it: vidkd search {index["index_dir"]} "{example}" -k 5 --sheet hits.png')
+    return "\n".join(lines)
 
 
 def run_single_stage(stage: str, cfg: VidkdConfig, table: Path | None = None, restart: bool = False,

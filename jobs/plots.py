@@ -77,3 +77,32 @@ def similarity_heatmap(sim: np.ndarray, title: str, max_items: int = 32):
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
+
+
+def middle_frame(path: str, size: int = 160) -> np.ndarray | None:
+    """A video's middle frame (uint8 [size, size, 3]), or None when it cannot be decoded."""
+    from core.video import VideoDecodeError, decode_video
+
+    try:
+        frames, mask = decode_video(path, 3, size)
+    except VideoDecodeError:
+        return None
+    return frames[1] if mask[1] else frames[0]
+
+
+def contact_sheet(hits: Sequence[Any], query: str, columns: int = 5):
+    """The hits' middle frames in rank order, each titled with its rank, id and score."""
+    rows = max(1, math.ceil(len(hits) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, hit in zip(axes.flat, hits):
+        frame = middle_frame(hit.path)
+        if frame is not None:
+            ax.imshow(frame)
+        else:
+            ax.text(0.5, 0.5, "not decodable", ha="center", va="center", fontsize=8)
+        ax.set_title(f"{hit.rank}. {hit.video_id}\n{hit.score:.3f}", fontsize=8)
+    fig.suptitle(f"“{query}”", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -35,6 +35,7 @@ class QuantizeResult:
     output_dir: Path
     report: dict[str, Any]
     report_text: str
+    embed_dim: int
 
 
 def calibration_images(table_dir: str | Path, meta: TableMeta, student: VideoTextStudent, count: int,
@@ -114,7 +115,7 @@ def run_quantize(cfg: VidkdConfig, checkpoint: str | Path, table_dir: str | Path
         run.log_text(text, "quantization_report.txt")
         run.log_dict({"report": report, "layers": layer_reports}, "quantization_report.json")
         run.log_artifact(out_dir, "quantized_model")
-    return QuantizeResult(out_dir, report, text)
+    return QuantizeResult(out_dir, report, text, student.embed_dim)
 
 
 def format_report(report: dict[str, Any]) -> str:

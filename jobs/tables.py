@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import ray
 
+from core.config import DistillConfig
+
 log = logging.getLogger("vidkd.tables")
 
 # A table is held when it takes at most this share of the object store: the rest is for the
@@ -97,12 +99,26 @@ def place_table(table_dir: str | Path, setting: Placement) -> TablePlacement:
 @dataclass
 class TableSplits:
     """A table's train, val and test splits for the trainings of one job. `train(seed)` is the
-    train split ("train" holds the rows of `train_splits`) in a new order every epoch."""
+    train split ("train" holds the rows of `train_splits`) in a new order every epoch. Streamed,
+    a split reads ahead at most `buffer_bytes` of the table."""
 
     table_dir: str
     train_splits: list[str]
     placement: TablePlacement
+    buffer_bytes: int
     held: dict[str, Any] = field(default_factory=dict)  # name -> materialized split, when held
+
+    def execution_options(self) -> Any:
+        """Ray Data's options for reading these splits (Ray Train applies them to its shards):
+        streamed, the read-ahead bound; held, Ray Train's defaults (None)."""
+        if self.placement.held:
+            return None
+        from ray.data import ExecutionResources
+        from ray.train import DataConfig
+
+        options = DataConfig.default_ingest_options()
+        options.resource_limits = ExecutionResources(object_store_memory=self.buffer_bytes)
+        return options
 
     def train(self, seed: int) -> Any:
         if self.placement.held:
@@ -120,15 +136,17 @@ class TableSplits:
         # bookkeeping, read every epoch: no bar (and, where stdout is not a terminal, no block of
         # progress lines) for each split; the epoch's log line says enough
         table.context.enable_progress_bars = False
+        if not self.placement.held:  # a Tune trial reads it with its own context: bound it there too
+            table.context.execution_options = self.execution_options()
         return table.filter(expr=col("split").is_in(splits))
 
 
-def split_datasets(table_dir: str | Path, train_splits: list[str] | None = None,
-                   placement: Placement = "auto") -> TableSplits:
-    """The splits of the table at `table_dir`, held or streamed as `placement` decides (logged)."""
-    where = place_table(table_dir, placement)
+def split_datasets(table_dir: str | Path, distill: DistillConfig) -> TableSplits:
+    """The splits of the table at `table_dir` for trainings with `distill`'s train splits, held or
+    streamed as its `table_placement` decides (logged)."""
+    where = place_table(table_dir, distill.table_placement)
     log.info("%s", where.describe())
-    splits = TableSplits(str(table_dir), list(train_splits or ["train"]), where)
+    splits = TableSplits(str(table_dir), list(distill.train_splits), where, distill.stream_buffer_mib * 2**20)
     if where.held:
         splits.held = {"train": splits._read(splits.train_splits).materialize(),
                        **{name: splits._read([name]).materialize() for name in ("val", "test")}}

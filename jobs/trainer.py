@@ -331,7 +331,7 @@ def make_trainer(spec: LoopSpec, splits: TableSplits, name: str, storage: str,
         scaling_config=ScalingConfig(num_workers=distill.num_workers, use_gpu=want_gpu(distill.use_gpu),
                                      resources_per_worker={"CPU": distill.cpus_per_worker}),
         datasets={"train": splits.train(distill.seed), "val": splits.split("val")},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=splits.execution_options()),
         run_config=RunConfig(
             name=name,
             storage_path=storage,

@@ -174,7 +174,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, splits: TableSplits | None
     base, calibration = resolve_temperatures(base, table_dir, teacher or cfg.extract.teacher)
     if calibration:
         log_calibration(calibration, run)
-    splits = splits or split_datasets(table_dir, base.train_splits, base.table_placement)
+    splits = splits or split_datasets(table_dir, base)
     trial_resources = {"cpu": tune_cfg.cpus_per_worker, "gpu": tune_cfg.gpus_per_worker}
     if tune_cfg.workers_per_trial > 1:
         trial_resources = {"cpu": 0}  # the trial only drives a TorchTrainer, whose workers hold the resources

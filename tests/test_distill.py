@@ -159,12 +159,17 @@ def test_train_splits_choose_the_rows_a_training_reads(ray_local, tmp_path, plac
     meta = TableMeta(num_frames=4, image_size=32, teacher={"kind": "none"},
                      counts={"train": 4, "pool": 8, "val": 4, "test": 4})
     ids = lambda ds: [r["video_id"] for r in ds.iter_rows()]  # noqa: E731
-    student = split_datasets(tmp_path, placement=placement)
+    student = split_datasets(tmp_path, DistillConfig(table_placement=placement))
     assert student.placement.held == (placement == "object_store")
+    if placement == "stream":  # its read-ahead bounded, for Ray Train's shards and a Tune trial's reads
+        assert student.execution_options().resource_limits.object_store_memory == 256 * 2**20
+        assert student.split("val").context.execution_options.resource_limits.object_store_memory == 256 * 2**20
+    else:
+        assert student.execution_options() is None
     assert sorted(ids(student.train(seed=0))) == ["v00", "v05", "v10", "v15"]
     assert sorted(ids(student.split("val"))) == ["v02", "v07", "v12", "v17"]
     assert sorted(ids(student.split("test"))) == ["v03", "v08", "v13", "v18"]
-    teacher = split_datasets(tmp_path, ["train", "pool"], placement)
+    teacher = split_datasets(tmp_path, DistillConfig(train_splits=["train", "pool"], table_placement=placement))
     train = teacher.train(seed=3)  # one dataset, read once per epoch
     epochs = [ids(train) for _ in range(4)]
     assert sorted(epochs[0]) == sorted(f"v{i:02d}" for i in range(20) if splits[i] in ("train", "pool"))

@@ -103,7 +103,11 @@ def test_table_holds_good_videos_failures_the_bad_ones(ray_local, mixed_manifest
     again = run_extract(cfg)
     assert again.cache_hit and again.table_dir == result.table_dir
     (result.table_dir / features.COMMIT_MARKER).unlink()
-    rebuilt = run_extract(cfg)
+    # rebuilt with a teacher actor on every CPU of the instance, as extract sizes its pool on a
+    # CPU-only cluster: the reads of the work list must not wait for a CPU
+    every_cpu = cfg.extract.model_copy(update={"num_actors": int(ray_local.cluster_resources()["CPU"]),
+                                               "encode_batch_size": 2})
+    rebuilt = run_extract(cfg.model_copy(update={"extract": every_cpu}))
     assert not rebuilt.cache_hit and features.is_committed(rebuilt.table_dir)
     assert features.read_table(rebuilt.table_dir).num_rows == 8
     assert list((rebuilt.table_dir.parent / features.STAGING_DIR).iterdir()) == [], "staging is moved, not copied"

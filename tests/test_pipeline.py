@@ -33,6 +33,7 @@ def pipeline_raw(tmp: Path) -> dict:
                                            "loss": {**raw["distill"]["loss"], "objective": "none"}}}
     raw["distill"].update(epochs=1, num_workers=1)
     raw["quantize"]["calib_samples"] = 16
+    raw["index"] = {"enabled": True, "queries": ["a red car turning left at night"]}
     return raw
 
 
@@ -65,7 +66,9 @@ def test_pipeline_summary_and_skips(pipeline_run):
     assert lines[-1].startswith("Expected run-to-run spread of R@1")
     assert again["rows"]["student"]["t2v_R1"] == summary["rows"]["student"]["t2v_R1"]
     stages = sorted(p.name.split("-")[0] for p in (tmp / "runs" / "stages").glob("*.json"))
-    assert stages == ["data", "distill", "distill", "quantize", "teacher"]
+    assert stages == ["data", "distill", "distill", "index", "quantize", "teacher"]
+    index = json.loads(next((tmp / "runs" / "stages").glob("index-*.json")).read_text())
+    assert index["videos"] == 6 and index["model"] == "models:/vidkd-student-int4/1"
 
 
 def test_mlflow_server_shows_the_run_tree(pipeline_run):
@@ -107,3 +110,122 @@ def api(base: str, path: str, body: dict | None = None) -> dict:
 
 def tag(run: dict, key: str) -> str | None:
     return next((t["value"] for t in run["data"].get("tags", []) if t["key"] == key), None)
+
+
+# ------------------------------------------------------------------ the registry, index and search
+def test_registry_holds_both_students_with_lineage_and_aliases(pipeline_run, monkeypatch):
+    """The quantize stage registered the distilled student and its INT4 version as pyfunc models
+    aliased `candidate`, each version tagged with its pipeline run, teacher and table; the pyfunc
+    embeds text and the table's frames as the student does; `vidkd promote` moves `champion`."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from core.features import read_table
+    from jobs.registry import promote
+
+    tmp, cfg, summary, _ = pipeline_run
+    uri = f"sqlite:///{tmp / 'runs' / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    pipelines = client.search_runs([client.get_experiment_by_name("vidkd").experiment_id],
+                                   "tags.`mlflow.runName` = 'pipeline'", order_by=["attributes.start_time ASC"])
+    for name, precision in (("vidkd-student", "fp32"), ("vidkd-student-int4", "int4")):
+        version = client.get_model_version_by_alias(name, "candidate")
+        assert str(version.version) == "1"  # the re-run reused its stages and registered nothing new
+        assert version.tags["vidkd.precision"] == precision
+        assert version.tags["vidkd.pipeline_run"] == pipelines[0].info.run_id
+        assert json.loads(version.tags["vidkd.teacher"])["kind"] == "vidkd"
+        assert Path(version.tags["vidkd.feature_table"]).is_dir()
+        assert client.get_run(version.run_id).data.tags["mlflow.runName"] == "quantize"
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    fp32 = mlflow.pyfunc.load_model("models:/vidkd-student@candidate")
+    assert [c.name for c in fp32.metadata.get_input_schema().inputs] == ["text", "frames", "frame_mask"]
+    text = fp32.predict(pd.DataFrame({"text": ["a red car turning left at night", "a bus"]}))
+    assert text.shape[0] == 2 and np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-4)
+    rows = read_table(Path(version.tags["vidkd.feature_table"]), split="test", columns=["frames", "frame_mask"]).slice(0, 2)
+    video = fp32.predict(pd.DataFrame({"frames": rows["frames"].to_pylist(), "frame_mask": rows["frame_mask"].to_pylist()}),
+                         params={"frames_codec": "jpeg"})
+    assert video.shape == (2, text.shape[1]) and np.allclose(np.linalg.norm(video, axis=1), 1, atol=1e-4)
+    int4 = mlflow.pyfunc.load_model("models:/vidkd-student-int4@candidate")
+    video_int4 = int4.predict(pd.DataFrame({"frames": rows["frames"].to_pylist(),
+                                            "frame_mask": rows["frame_mask"].to_pylist()}), params={"frames_codec": "jpeg"})
+    assert (video_int4 * video).sum(axis=1).min() > 0.9  # INT4 stays close to its fp32 student
+
+    promoted = promote(uri, "vidkd-student-int4")
+    assert promoted.version == "1"
+    assert str(client.get_model_version_by_alias("vidkd-student-int4", "champion").version) == "1"
+    with pytest.raises(ValueError, match="has no version 7"):
+        promote(uri, "vidkd-student-int4", "7")
+
+
+def test_index_is_incremental_and_search_ranks_by_the_students_text_tower(pipeline_run, monkeypatch):
+    """The pipeline's index stage embedded the test videos with the INT4 student. `vidkd index`
+    run again on it embeds only what is new or changed, keeps the rest, drops what left the
+    manifest and records a bad file as a failure; another model rebuilds it. `vidkd search` ranks
+    by cosine with the index's own student, through the CLI, with one-line errors."""
+    import subprocess
+    import sys
+
+    import mlflow
+    import pandas as pd
+
+    from core.datasets import VideoRecord, read_manifest, write_manifest
+    from core.index import VideoIndex, read_meta, search_index
+    from jobs.index import run_index
+
+    tmp, cfg, _, _ = pipeline_run
+    monkeypatch.chdir(tmp)
+    uri = f"sqlite:///{tmp / 'runs' / 'mlflow.db'}"
+    out = Path(json.loads(next((tmp / "runs" / "stages").glob("index-*.json")).read_text())["index_dir"])
+    built = read_meta(out)
+    assert built.model == "models:/vidkd-student-int4/1" and built.model_version["version"] == "1"
+    assert built.model_version["vidkd.precision"] == "int4" and built.videos == 6
+
+    records = read_manifest(tmp / "data" / "manifest.jsonl")
+    test = [r for r in records if r.split == "test"]
+    query = test[0].captions[0]
+    hits = search_index(out, query, k=3)
+    assert [h.rank for h in hits] == [1, 2, 3] and hits[0].score >= hits[1].score >= hits[2].score
+    mlflow.set_registry_uri(uri)
+    text = mlflow.pyfunc.load_model("models:/vidkd-student-int4/1").predict(pd.DataFrame({"text": [query]}))[0]
+    index = VideoIndex.load(out)
+    by_id = dict(zip(index.ids, index.embeddings))
+    assert all(abs(h.score - float(by_id[h.video_id] @ text)) < 1e-4 for h in hits)  # cosine, the pyfunc's text
+    assert {h.video_id for h in hits} <= {r.video_id for r in test}
+
+    # again, with one file moved (a copy: the pipeline's own files stay as they are), one video
+    # gone, one new, and one that cannot be decoded
+    moved = tmp / "moved.mp4"
+    moved.write_bytes(Path(test[0].path).read_bytes())
+    broken = tmp / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    new = next(r for r in records if r.split == "train")
+    manifest = tmp / "to-index.jsonl"
+    write_manifest([VideoRecord(test[0].video_id, str(moved), test[0].captions, "test")] + test[1:5]
+                   + [new, VideoRecord("broken", str(broken), ["nothing"], "test")], manifest)
+    second = run_index(cfg, "models:/vidkd-student-int4/1", manifest, out)
+    assert (second.embedded, second.kept, second.meta.videos) == (2, 4, 6)
+    assert [f["video_id"] for f in second.meta.failures] == ["broken"]
+    assert set(VideoIndex.load(out).ids) == {r.video_id for r in test[:5] + [new]}
+
+    rebuilt = run_index(cfg, "models:/vidkd-student@candidate", manifest, out)  # another model: all again
+    assert (rebuilt.embedded, rebuilt.kept) == (6, 0) and rebuilt.meta.model_version["vidkd.precision"] == "fp32"
+
+    root = Path(__file__).resolve().parent.parent
+    cli = [sys.executable, "-m", "cluster.cli", "search", str(out)]
+    done = subprocess.run(cli + [query, "-k", "3", "--sheet", str(tmp / "sheet.png")], capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["rank", "video_id", "score", "path"]
+    assert [line.split()[0] for line in lines[1:4]] == ["1", "2", "3"]
+    assert (tmp / "sheet.png").read_bytes()[:4] == b"\x89PNG"
+    for args, message in (([" "], "the query is empty"), ([query, "-k", "0"], "-k 0"),
+                          (["x"], "no video index at")):
+        where = str(tmp / "nowhere") if message == "no video index at" else str(out)
+        bad = subprocess.run([sys.executable, "-m", "cluster.cli", "search", where] + args, capture_output=True,
+                             text=True, timeout=300, cwd=root)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -90,12 +90,13 @@ print("SPLIT", ray.get(Worker.remote().read.remote(split_ds.streaming_split(1)[0
 import tempfile
 import pyarrow as pa
 import pyarrow.parquet as pq
+from core.config import DistillConfig
 from jobs.tables import split_datasets
 with tempfile.TemporaryDirectory() as table:  # a table's parts, read as a training reads them
     for part in range(2):
         pq.write_table(pa.table({"id": [f"v{part}{i}" for i in range(3)], "split": ["train", "val", "test"]}),
                        f"{table}/part-{part}.parquet")
-    splits = split_datasets(table)
+    splits = split_datasets(table, DistillConfig())
     print("TABLE", {"train": splits.train(0).count(), **{name: splits.split(name).count() for name in ("val", "test")}})
 ray.shutdown()
 """

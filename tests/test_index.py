@@ -1,0 +1,60 @@
+"""core/index.py: exact search and the plan of an incremental build (no Ray, no MLflow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from core.index import SCHEMA, IndexMeta, VideoIndex, normalise, plan_update, read_meta, read_rows, write_index
+
+
+def rows(entries: list[tuple[str, str, int, int, list[float]]]) -> pa.Table:
+    return pa.Table.from_pylist([dict(zip(SCHEMA.names, entry)) for entry in entries], schema=SCHEMA)
+
+
+def test_search_ranks_by_cosine_best_first():
+    embeddings = normalise(np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 0, 1], [-1, 0, 0]], np.float32))
+    index = VideoIndex(None, None, ["a", "b", "c", "d"], ["/a", "/b", "/c", "/d"], embeddings)
+    hits = index.search(np.array([3.0, 1.0, 0.0]), k=3)  # not normalised: the index normalises it
+    assert [h.video_id for h in hits] == ["a", "b", "c"] and [h.rank for h in hits] == [1, 2, 3]
+    assert [h.score for h in hits] == pytest.approx([3 / np.sqrt(10), 2.6 / np.sqrt(10), 0.0], abs=1e-6)
+    assert hits[0].path == "/a"
+    assert [h.video_id for h in index.search(np.array([-1.0, 0, 0]), k=10)] == ["d", "c", "b", "a"]  # k > videos
+    with pytest.raises(ValueError, match="at least 1"):
+        index.search(np.ones(3), k=0)
+    with pytest.raises(ValueError, match="the query has 2 dimensions, the index 3"):
+        index.search(np.ones(2), k=1)
+
+
+def test_an_incremental_build_embeds_what_is_new_or_changed_and_drops_what_left():
+    existing = rows([("same", "/v/same.mp4", 10, 100, [1.0]), ("touched", "/v/t.mp4", 10, 100, [1.0]),
+                     ("resized", "/v/r.mp4", 10, 100, [1.0]), ("moved", "/v/m.mp4", 10, 100, [1.0]),
+                     ("gone", "/v/g.mp4", 10, 100, [1.0])])
+    wanted = [{"video_id": "same", "path": "/v/same.mp4", "size": 10, "mtime": 100},
+              {"video_id": "touched", "path": "/v/t.mp4", "size": 10, "mtime": 101},
+              {"video_id": "resized", "path": "/v/r.mp4", "size": 11, "mtime": 100},
+              {"video_id": "moved", "path": "/w/m.mp4", "size": 10, "mtime": 100},
+              {"video_id": "new", "path": "/v/n.mp4", "size": 10, "mtime": 100}]
+    todo, keep = plan_update(existing, wanted)
+    assert [row["video_id"] for row in todo] == ["touched", "resized", "moved", "new"]
+    assert keep.column("video_id").to_pylist() == ["same"]
+    todo, keep = plan_update(SCHEMA.empty_table(), wanted)  # a new index embeds everything
+    assert len(todo) == 5 and keep.num_rows == 0
+
+
+def test_an_index_is_written_whole_and_read_back(tmp_path):
+    meta = IndexMeta("models:/m/1", {"name": "m", "version": "1"}, "model/student.pt", 2, 4, 32,
+                     failures=[{"video_id": "x", "reason": "corrupt", "detail": "bad"}])
+    write_index(tmp_path, rows([("a", "/a", 1, 2, [0.6, 0.8])]), meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.parquet", "index.json"]  # no temp file left
+    again = read_meta(tmp_path)
+    assert again == meta and again.videos == 1
+    assert read_rows(tmp_path).column("video_id").to_pylist() == ["a"]
+    index = VideoIndex.load(tmp_path)
+    np.testing.assert_allclose(index.embeddings, [[0.6, 0.8]])
+    assert index.model_path == tmp_path / "model" / "student.pt"
+    assert again.same_model(IndexMeta("models:/m@champion", {"name": "m", "version": "1"}, "", 2, 4, 32))
+    assert not again.same_model(IndexMeta("models:/m/2", {"name": "m", "version": "2"}, "", 2, 4, 32))
+    with pytest.raises(FileNotFoundError, match="no video index at"):
+        read_meta(tmp_path / "nowhere")
