@@ -125,19 +125,24 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
                                                f"distill.student.init_from: {tmp / 'trained.pt'} not found"),
         "a bad setting": (["distill", *with_good, "--set", "distill.lr=0"],
                           "distill.lr: Input should be greater than 0"),
+        "a bad manifest to index": (["index", "--model", str(tmp / "student.pt"), "--manifest", str(latin1),
+                                     "--out", str(tmp / "index")], f"{latin1}:2: not UTF-8 text"),
+        "a missing student to index with": (["index", "--model", str(tmp / "student.pt"), "--manifest", str(good),
+                                             "--out", str(tmp / "index")], f"--model: {tmp / 'student.pt'} not found"),
     }
 
 
 CASES = ["non-UTF-8 bytes", "a directory as the manifest", "a directory as every video", "a video listed twice",
          "no captions", "a relative manifest in a config", "a missing teacher", "missing MSRVTT files",
-         "a directory as the checkpoint", "not a feature table", "a missing checkpoint to start from", "a bad setting"]
+         "a directory as the checkpoint", "not a feature table", "a missing checkpoint to start from", "a bad setting",
+         "a bad manifest to index", "a missing student to index with"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_and_exit_2_before_anything_starts(case, tmp_path, monkeypatch):
     """Checked before Ray or MLflow: no stage runs, and the command leaves nothing behind."""
     from cluster import cli
-    from jobs import pipeline
+    from jobs import index, pipeline
 
     args, message = bad_inputs(tmp_path)[case]
     assert sorted(bad_inputs(tmp_path / "all")) == sorted(CASES)
@@ -147,6 +152,7 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_starts(case, tmp_path,
 
     monkeypatch.setattr(pipeline, "run_single_stage", started)
     monkeypatch.setattr(pipeline, "run_pipeline", started)
+    monkeypatch.setattr(index, "run_index", started)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -139,8 +139,7 @@ def test_registry_holds_both_students_with_lineage_and_aliases(pipeline_run, mon
         assert Path(version.tags["vidkd.feature_table"]).is_dir()
         assert client.get_run(version.run_id).data.tags["mlflow.runName"] == "quantize"
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # models:/ URIs resolve in this store (the registry's default)
     fp32 = mlflow.pyfunc.load_model("models:/vidkd-student@candidate")
     assert [c.name for c in fp32.metadata.get_input_schema().inputs] == ["text", "frames", "frame_mask"]
     text = fp32.predict(pd.DataFrame({"text": ["a red car turning left at night", "a bus"]}))
@@ -189,7 +188,7 @@ def test_index_is_incremental_and_search_ranks_by_the_students_text_tower(pipeli
     query = test[0].captions[0]
     hits = search_index(out, query, k=3)
     assert [h.rank for h in hits] == [1, 2, 3] and hits[0].score >= hits[1].score >= hits[2].score
-    mlflow.set_registry_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     text = mlflow.pyfunc.load_model("models:/vidkd-student-int4/1").predict(pd.DataFrame({"text": [query]}))[0]
     index = VideoIndex.load(out)
     by_id = dict(zip(index.ids, index.embeddings))
