@@ -40,17 +40,25 @@ class IndexMeta:
     videos: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
 
+    def model_identity(self) -> tuple:
+        """A registered student by name and version (whatever alias named it), a local one by its
+        path and the stamp of its files (a checkpoint written again is another model)."""
+        if "name" in self.model_version:
+            return self.model_version["name"], self.model_version["version"]
+        return self.model, self.model_version.get("size"), self.model_version.get("mtime_ns")
+
     def same_model(self, other: "IndexMeta") -> bool:
-        """Built by the same student: the same registered version, or the same file."""
-        if self.model_version or other.model_version:
-            return (self.model_version.get("name"), self.model_version.get("version")) == (
-                other.model_version.get("name"), other.model_version.get("version"))
-        return self.model == other.model
+        return self.model_identity() == other.model_identity()
 
 
 def file_stamp(path: str | Path) -> tuple[int, int]:
-    """(size, mtime in ns) of a video file: a changed file gets embedded again."""
-    stat = os.stat(path)
+    """(size, mtime in ns) of a file, or of a directory's files (total size, latest mtime): a
+    changed video gets embedded again, a changed student rebuilds the index."""
+    path = Path(path)
+    if path.is_dir():
+        stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+        return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+    stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
 
 

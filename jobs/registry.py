@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from core.config import RegistryConfig
+from core.index import file_stamp
 from jobs.runtime import quiet_env, verbose
 
 log = logging.getLogger("vidkd.registry")
@@ -106,7 +107,7 @@ class ResolvedModel:
 
     path: Path
     source: str  # the models:/ URI or path the user gave
-    version: dict[str, str]  # name, version, run_id and lineage tags (empty for a plain path)
+    version: dict[str, str]  # name, version, run_id and lineage tags; for a path, its size and mtime
 
 
 def resolve_model(model: str, uri: str, dst: Path) -> ResolvedModel:
@@ -116,7 +117,8 @@ def resolve_model(model: str, uri: str, dst: Path) -> ResolvedModel:
         path = Path(model)
         if not path.exists():
             raise FileNotFoundError(f"model not found: {model} (a models:/ URI, a checkpoint file or a quantized directory)")
-        return ResolvedModel(path.resolve(), model, {})
+        size, mtime_ns = file_stamp(path)
+        return ResolvedModel(path.resolve(), model, {"size": str(size), "mtime_ns": str(mtime_ns)})
     client = MlflowClient(uri, registry_uri=uri)
     ref = model[len("models:/"):]
     name, _, rest = ref.partition("@") if "@" in ref else ref.partition("/")

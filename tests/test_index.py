@@ -56,5 +56,9 @@ def test_an_index_is_written_whole_and_read_back(tmp_path):
     assert index.model_path == tmp_path / "model" / "student.pt"
     assert again.same_model(IndexMeta("models:/m@champion", {"name": "m", "version": "1"}, "", 2, 4, 32))
     assert not again.same_model(IndexMeta("models:/m/2", {"name": "m", "version": "2"}, "", 2, 4, 32))
+    local = IndexMeta("s.pt", {"size": "10", "mtime_ns": "5"}, "", 2, 4, 32)
+    assert local.same_model(IndexMeta("s.pt", {"size": "10", "mtime_ns": "5"}, "", 2, 4, 32))
+    assert not local.same_model(IndexMeta("s.pt", {"size": "10", "mtime_ns": "6"}, "", 2, 4, 32))  # written again
+    assert not local.same_model(IndexMeta("t.pt", {"size": "10", "mtime_ns": "5"}, "", 2, 4, 32))
     with pytest.raises(FileNotFoundError, match="no video index at"):
         read_meta(tmp_path / "nowhere")
