@@ -64,13 +64,8 @@ class TableSink(Datasink):
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
         failures, counts, embed_dim, parts = [], {}, None, []
         for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            failed = pc.is_valid(table[self.ERROR])
-            bad = table.filter(failed)
-            for video_id, error in zip(bad["video_id"].to_pylist(), bad[self.ERROR].to_pylist()):
-                reason, _, detail = error.partition(": ")
-                failures.append({"video_id": video_id, "reason": reason, "detail": detail})
-            good = table.filter(pc.invert(failed)).drop_columns([self.ERROR])
+            good, failed = split_failures(BlockAccessor.for_block(block).to_arrow())
+            failures += failed
             if not good.num_rows:
                 continue
             for split in good["split"].to_pylist():
@@ -88,6 +83,18 @@ class TableSink(Datasink):
             for split, n in result["counts"].items():
                 self.counts[split] = self.counts.get(split, 0) + n
             self.embed_dim = self.embed_dim or result["embed_dim"]
+
+
+def split_failures(table: pa.Table) -> tuple[pa.Table, list[dict[str, str]]]:
+    """The rows whose `error` is unset (without that column), and the others as failures: video
+    id, reason and detail (the error reads "reason: detail")."""
+    failed = pc.is_valid(table[TableSink.ERROR])
+    bad = table.filter(failed)
+    failures = []
+    for video_id, error in zip(bad["video_id"].to_pylist(), bad[TableSink.ERROR].to_pylist()):
+        reason, _, detail = error.partition(": ")
+        failures.append({"video_id": video_id, "reason": reason, "detail": detail})
+    return table.filter(pc.invert(failed)).drop_columns([TableSink.ERROR]), failures
 
 
 _DECODED = pa.schema(list(SCHEMA) + [pa.field(TableSink.ERROR, pa.string())])

@@ -27,13 +27,13 @@ import ray
 import torch
 
 from core import features
-from core.config import VidkdConfig
+from core.config import VidkdConfig, digest
 from core.datasets import VideoRecord, read_manifest
 from core.index import MODEL_DIR, SCHEMA, IndexMeta, file_stamp, normalise, plan_update, read_rows
 from core.index import read_meta as read_index_meta
 from core.index import write_index
 from core.student import load_student_model
-from jobs.extract import TableSink, decode_rows, read_work_list, write_work_list
+from jobs.extract import TableSink, decode_rows, read_work_list, split_failures, write_work_list
 from jobs.registry import ResolvedModel, resolve_model
 from jobs.runtime import cluster_cpus, init_ray
 from jobs.tracking import tracking_uri
@@ -86,24 +86,26 @@ def run_index(cfg: VidkdConfig, model: str, manifest: str | Path | None, out: st
     meta = IndexMeta(model, resolved.version, "", student.embed_dim, student.num_frames, student.image_size)
     previous = _previous(out, meta)
     existing = read_rows(out) if previous else SCHEMA.empty_table()
-    meta.model_path = _keep_model(out, resolved, previous)
+    meta.model_path = _keep_model(out, resolved)
     wanted = [{"video_id": r.video_id, "path": r.path, "captions": r.captions, "split": r.split,
                **dict(zip(("size", "mtime"), file_stamp(r.path) if Path(r.path).is_file() else (-1, -1)))}
               for r in records]
     todo, keep = plan_update(existing, wanted)
-    new_rows, failures = _embed(cfg, todo, out, meta.model_path, kernel, batch_size, student) if todo else ([], [])
-    stamps = {row["video_id"]: row for row in todo}
-    added = pa.table({"video_id": [r["video_id"] for r in new_rows],
-                      "path": [stamps[r["video_id"]]["path"] for r in new_rows],
-                      "size": [stamps[r["video_id"]]["size"] for r in new_rows],
-                      "mtime": [stamps[r["video_id"]]["mtime"] for r in new_rows],
-                      "embedding": pa.array([r["embedding"] for r in new_rows], pa.list_(pa.float32()))}, schema=SCHEMA)
+    embedded, failures = _embed(cfg, todo, out, meta.model_path, kernel, batch_size, student) if todo else (None, [])
+    added = SCHEMA.empty_table()
+    if embedded is not None and embedded.num_rows:
+        stamps = {row["video_id"]: row for row in todo}
+        ids = embedded.column("video_id").to_pylist()
+        added = pa.table({"video_id": ids, "path": [stamps[i]["path"] for i in ids],
+                          "size": [stamps[i]["size"] for i in ids], "mtime": [stamps[i]["mtime"] for i in ids],
+                          "embedding": embedded.column("embedding")}, schema=SCHEMA)
     meta.failures = failures
     write_index(out, pa.concat_tables([keep.cast(SCHEMA), added]), meta)
+    _drop_other_models(out, meta.model_path)
     seconds = time.perf_counter() - start
-    log.warning("index: %d videos in %s (%d embedded, %d kept, %d failed) in %.1fs", meta.videos, out, len(new_rows),
+    log.warning("index: %d videos in %s (%d embedded, %d kept, %d failed) in %.1fs", meta.videos, out, added.num_rows,
                 keep.num_rows, len(failures), seconds)
-    return IndexResult(out, meta, len(new_rows), keep.num_rows, seconds)
+    return IndexResult(out, meta, added.num_rows, keep.num_rows, seconds)
 
 
 def _previous(out: Path, meta: IndexMeta) -> IndexMeta | None:
@@ -118,21 +120,29 @@ def _previous(out: Path, meta: IndexMeta) -> IndexMeta | None:
     return None
 
 
-def _keep_model(out: Path, resolved: ResolvedModel, previous: IndexMeta | None) -> str:
-    """The index's own copy of its student (relative to `out`), replaced when the model changed."""
-    target = out / MODEL_DIR / resolved.path.name
-    if previous is None or not target.exists():
-        if (out / MODEL_DIR).exists():
-            shutil.rmtree(out / MODEL_DIR)
-        (out / MODEL_DIR).mkdir(parents=True)
+def _keep_model(out: Path, resolved: ResolvedModel) -> str:
+    """The index's own copy of its student (relative to `out`), in a folder named by the model's
+    identity: a rebuild by another model writes beside the old copy, which the old index still
+    names until the new one is written whole (`_drop_other_models`)."""
+    identity = IndexMeta(resolved.source, resolved.version, "", 0, 0, 0).model_identity()
+    target = out / MODEL_DIR / digest(list(identity), 12) / resolved.path.name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
         copy = shutil.copytree if resolved.path.is_dir() else shutil.copy2
         copy(resolved.path, target)
     shutil.rmtree(out / ".incoming", ignore_errors=True)
     return str(target.relative_to(out))
 
 
+def _drop_other_models(out: Path, model_path: str) -> None:
+    keep = (out / model_path).parent
+    for folder in (out / MODEL_DIR).iterdir():
+        if folder != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _embed(cfg: VidkdConfig, todo: list[dict], out: Path, model_path: str, kernel: str, batch_size: int,
-           student: Any) -> tuple[list[dict], list[dict[str, str]]]:
+           student: Any) -> tuple[pa.Table | None, list[dict[str, str]]]:
     """The student's embeddings of the `todo` videos, through Ray Data, and the decode failures."""
     init_ray(cfg.ray)
     work_list = write_work_list([{k: row[k] for k in ("video_id", "path", "captions", "split")} for row in todo],
@@ -147,14 +157,11 @@ def _embed(cfg: VidkdConfig, todo: list[dict], out: Path, model_path: str, kerne
             compute=ray.data.ActorPoolStrategy(size=max(1, min(cluster_cpus(), -(-len(todo) // batch_size)))),
             batch_format="pyarrow", batch_size=batch_size, num_cpus=1,
         )
-        rows, failures = [], []
+        parts, failures = [], []
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                if row[TableSink.ERROR]:
-                    reason, _, detail = row[TableSink.ERROR].partition(": ")
-                    failures.append({"video_id": row["video_id"], "reason": reason, "detail": detail})
-                else:
-                    rows.append(row)
+            good, failed = split_failures(batch)
+            parts.append(good)
+            failures += failed
     finally:
         shutil.rmtree(work_list, ignore_errors=True)
-    return rows, failures
+    return (pa.concat_tables(parts) if parts else None), failures
