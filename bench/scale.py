@@ -49,8 +49,11 @@ class Peaks:
     object_store_used: int = 0
     spilled: int = 0
     samples: int = 0
+    largest_worker: str = ""  # the process title of the largest worker at its peak
 
     def update(self, other: "Peaks") -> None:
+        if other.worker_rss_max > self.worker_rss_max:
+            self.largest_worker = other.largest_worker
         for name in ("driver_rss", "worker_rss_max", "worker_rss_sum", "object_store_used", "spilled"):
             setattr(self, name, max(getattr(self, name), getattr(other, name)))
         self.samples += 1
@@ -88,13 +91,14 @@ class Sampler:
         rss = []
         for proc in psutil.Process(self.raylet_pid).children(recursive=True):
             try:
-                rss.append(proc.memory_info().rss)
+                rss.append((proc.memory_info().rss, " ".join(proc.cmdline())[:80]))
             except psutil.Error:  # ended between the listing and the read
                 pass
         stats = get_memory_info_reply(self._state, timeout_seconds=5).store_stats
-        return Peaks(driver_rss=psutil.Process().memory_info().rss, worker_rss_max=max(rss, default=0),
-                     worker_rss_sum=sum(rss), object_store_used=stats.object_store_bytes_used,
-                     spilled=stats.spilled_bytes_total)
+        largest, title = max(rss, default=(0, ""))
+        return Peaks(driver_rss=psutil.Process().memory_info().rss, worker_rss_max=largest,
+                     worker_rss_sum=sum(r for r, _ in rss), object_store_used=stats.object_store_bytes_used,
+                     spilled=stats.spilled_bytes_total, largest_worker=title)
 
 
 def base_clips(root: Path, count: int) -> list[VideoRecord]:
@@ -179,6 +183,7 @@ def report(rows: list[dict]) -> str:
         out.append(f"- extract steady rate from {a['videos']} to {b['videos']}: "
                    f"{(b['videos'] - a['videos']) / (b['extract_s'] - a['extract_s']):.1f} videos/s")
     for stage in ("extract", "distill"):
+        out.append(f"- {stage}: the largest worker at {large['videos']}: {large[stage]['largest_worker']}")
         for key in ("driver_rss", "worker_rss_max", "object_store_used"):
             out.append(f"- {stage} peak {key} at {large['videos']} against {small['videos']}: "
                        f"{large[stage][key] / max(small[stage][key], 1):.2f}x (goal: at most 1.2x)")
