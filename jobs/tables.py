@@ -3,8 +3,9 @@ fits there, else streamed from its Parquet parts every epoch.
 
 Held, a split is read once and kept (Tune's trials and the pipeline's distill share it), and its
 blocks come in a new order each epoch. Streamed, nothing of the table stays in the object store
-but the blocks in flight: its files come in a new order each epoch. Either way a local buffer
-mixes the rows further (`jobs.trainer.iter_feature_batches`).
+but a bounded read-ahead (`distill.stream_buffer_mib`): its files come in a new order each epoch
+(extract writes one part per write task, a few batches of videos each, so a large table has
+many). Either way a local buffer mixes the rows further (`jobs.trainer.iter_feature_batches`).
 """
 
 from __future__ import annotations
