@@ -63,7 +63,7 @@ def test_ui_stops_its_server_on_sigterm(tracking_dir):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server: list[psutil.Process] = []
     try:
-        url = read_until(ui.stdout, r"MLflow UI: (\S+)", timeout=150).group(1)
+        url = read_until(ui.stdout, r"^MLflow UI: (\S+)", timeout=150).group(1)
         assert url == f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
         server = psutil.Process(ui.pid).children(recursive=True)
         assert any("mlflow" in " ".join(p.cmdline()) for p in server) and len(server) >= 2, server
