@@ -229,7 +229,7 @@ def test_a_killed_pipeline_and_a_second_one_on_its_cache_finish_with_one_of_each
     assert {p.name: p.stat().st_mtime_ns for p in stages.glob("*.json") if p.name in done_before} == done_before, \
         "a finished stage was built again"
     records = sorted(p.name.rsplit("-", 1)[0] for p in stages.glob("*.json"))
-    assert records == ["data", "distill", "distill-no-teacher", "quantize", "teacher"], records
+    assert records == ["data", "distill", "distill-no-teacher", "index", "quantize", "teacher"], records
     for label in records:  # built by one of the two, skipped by the other (by both, for data)
         skips = sum(f"vidkd.pipeline: {label}: skipped" in text for text in texts)
         assert skips == (2 if label == "data" else 1), (label, skips)
