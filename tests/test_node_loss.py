@@ -213,8 +213,12 @@ def test_a_killed_pipeline_and_a_second_one_on_its_cache_finish_with_one_of_each
     stages, storage = tmp_path / "runs" / "stages", Path(raw["teacher_training"]["distill"]["storage_dir"])
     first = pipeline("first")
     deadline = time.monotonic() + 300
-    # the epoch's line is printed once its checkpoint is reported
-    while "distill epoch 1/3" not in logs[0].read_text() and first.poll() is None and time.monotonic() < deadline:
+    # killed once the first epoch's checkpoint is registered: its line is printed before the
+    # checkpoint is reported, and Ray Train registers it after (its snapshot file); killed in
+    # between, the teacher has nothing to resume from (a window a loaded machine hit)
+    checkpointed = lambda: any((tmp_path / storage).rglob(CHECKPOINT_MANAGER_SNAPSHOT_FILENAME))  # noqa: E731
+    while not ("distill epoch 1/3" in logs[0].read_text() and checkpointed()) and first.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
     assert first.poll() is None, f"the pipeline ended before its teacher's first epoch: {logs[0].read_text()[-3000:]}"
     first.send_signal(signal.SIGKILL)
