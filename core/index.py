@@ -32,7 +32,7 @@ SCHEMA = pa.schema([("video_id", pa.string()), ("path", pa.string()), ("size", p
 @dataclass
 class IndexMeta:
     model: str  # what the user gave: a models:/ URI or a path
-    model_version: dict[str, str]  # name, version, run_id, lineage tags (empty for a path)
+    model_version: dict[str, str]  # name, version, run_id, lineage tags; for a path, its size and mtime_ns
     model_path: str  # the student's copy, relative to the index directory
     embed_dim: int
     num_frames: int
