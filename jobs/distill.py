@@ -39,9 +39,9 @@ class DistillResult:
 
 
 # Settings that say how a training runs, not what it learns: a job submitted again with more
-# workers or GPUs, or other retries, continues the same training.
+# workers or GPUs, other retries or another read-ahead, continues the same training.
 RUNNING_SETTINGS = {"num_workers", "cpus_per_worker", "use_gpu", "max_failures", "storage_dir", "eval_batch_size",
-                    "resume"}
+                    "resume", "stream_buffer_mib"}
 
 
 def training_name(name: str, meta: TableMeta, distill: DistillConfig, teacher: TeacherConfig, fresh: str) -> str:

@@ -87,7 +87,8 @@ def test_what_names_a_training(teacher_table):
     cfg, table = teacher_table
     name = lambda d, fresh="x": training_name("distill", table.meta, d, cfg.extract.teacher, fresh)  # noqa: E731
     base = cfg.distill
-    assert name(base) == name(base.model_copy(update={"num_workers": 8, "use_gpu": True, "max_failures": 5}))
+    assert name(base) == name(base.model_copy(update={"num_workers": 8, "use_gpu": True, "max_failures": 5,
+                                                      "stream_buffer_mib": 64}))
     assert name(base) != name(base.model_copy(update={"lr": base.lr * 2}))
     assert name(base) != training_name("teacher", table.meta, base, cfg.extract.teacher, "x")
     fresh = base.model_copy(update={"resume": False})
