@@ -252,6 +252,39 @@ def search(
 
 
 @app.command()
+def serve(
+    index_dirs: list[Path] = typer.Argument(..., metavar="INDEX...", help="Index directories written by `vidkd index` "
+                                            "(requests name one by its directory name; the first is the default)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (127.0.0.1 unless you mean it)"),
+    port: int = typer.Option(8000, "--port"),
+    replicas: int = typer.Option(1, "--replicas", help="Text-encoder replicas per index (one CPU each)"),
+    kernel: str = typer.Option("auto", "--kernel", help="INT4 kernel: auto, fused or torch"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Serve indexes over HTTP with Ray Serve: a search page, GET /search?q=...&k=5, /healthz."""
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    from jobs import serve as server
+
+    try:
+        indexes = server.ServedIndex.from_dirs(index_dirs)
+        if replicas < 1:
+            raise ValueError(f"--replicas {replicas}: give at least 1")
+        server.check_port(host, port)
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+    from jobs.runtime import init_ray
+
+    init_ray(cfg.ray)  # first: then SIGTERM reaches our handler below, not Ray's, which prints a stack
+    with local.exit_on_termination():
+        server.serve_until_stopped(indexes, cfg.ray, host, port, kernel, replicas,
+                                   ready=lambda url: typer.echo(f"vidkd search: {url}   (GET /search?q=...&k=5, "
+                                                                "/healthz; Ctrl-C to stop)"))
+
+
+@app.command()
 def promote(
     name: str = typer.Argument("vidkd-student-int4", help="The registered model"),
     version: Optional[str] = typer.Option(None, "--version", help="Default: the version aliased candidate"),

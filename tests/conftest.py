@@ -54,17 +54,25 @@ def tracking_dir(tmp_path, monkeypatch) -> Path:
     return tmp_path / "runs"
 
 
-def page_text(url: str, profile: Path) -> str | None:
-    """The page's text as headless Chromium renders it; None where Chromium is not installed."""
+def page_dom(url: str, profile: Path) -> str | None:
+    """The page's DOM after its scripts ran, as headless Chromium renders it; None where Chromium
+    is not installed."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         return None
-    dom = subprocess.run(
+    return subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom", url],
         capture_output=True, text=True, timeout=120,
     ).stdout
+
+
+def page_text(url: str, profile: Path) -> str | None:
+    """The page's text as headless Chromium renders it; None where Chromium is not installed."""
+    dom = page_dom(url, profile)
+    if dom is None:
+        return None
     return " ".join(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S)).split())
 
 

@@ -129,13 +129,14 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
                                      "--out", str(tmp / "index")], f"{latin1}:2: not UTF-8 text"),
         "a missing student to index with": (["index", "--model", str(tmp / "student.pt"), "--manifest", str(good),
                                              "--out", str(tmp / "index")], f"--model: {tmp / 'student.pt'} not found"),
+        "no index to serve": (["serve", str(data)], f"no video index at {data} (no index.json)"),
     }
 
 
 CASES = ["non-UTF-8 bytes", "a directory as the manifest", "a directory as every video", "a video listed twice",
          "no captions", "a relative manifest in a config", "a missing teacher", "missing MSRVTT files",
          "a directory as the checkpoint", "not a feature table", "a missing checkpoint to start from", "a bad setting",
-         "a bad manifest to index", "a missing student to index with"]
+         "a bad manifest to index", "a missing student to index with", "no index to serve"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -143,6 +144,7 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_starts(case, tmp_path,
     """Checked before Ray or MLflow: no stage runs, and the command leaves nothing behind."""
     from cluster import cli
     from jobs import index, pipeline
+    from jobs import serve as server
 
     args, message = bad_inputs(tmp_path)[case]
     assert sorted(bad_inputs(tmp_path / "all")) == sorted(CASES)
@@ -153,6 +155,7 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_starts(case, tmp_path,
     monkeypatch.setattr(pipeline, "run_single_stage", started)
     monkeypatch.setattr(pipeline, "run_pipeline", started)
     monkeypatch.setattr(index, "run_index", started)
+    monkeypatch.setattr(server, "start", started)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -162,6 +165,24 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_starts(case, tmp_path,
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr
     assert list(elsewhere.iterdir()) == [], "no runs/ directory, no mlflow.db"
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_ray_starts(tmp_path, monkeypatch):
+    import socket
+
+    from cluster import cli
+    from core.index import SCHEMA, IndexMeta, write_index
+    from jobs import runtime
+
+    write_index(tmp_path / "index", SCHEMA.empty_table(), IndexMeta("student.pt", {}, "model", 8, 4, 32))
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray started")))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = CliRunner().invoke(cli.app, ["serve", str(tmp_path / "index"), "--port", str(port)])
+    assert done.exit_code == 2 and done.stderr.splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use): choose another --port"], done.stderr
 
 
 def test_submit_checks_the_inputs_here_before_any_job_starts(tmp_path, monkeypatch):

@@ -62,3 +62,24 @@ def test_an_index_is_written_whole_and_read_back(tmp_path):
     assert not local.same_model(IndexMeta("t.pt", {"size": "10", "mtime_ns": "5"}, "", 2, 4, 32))
     with pytest.raises(FileNotFoundError, match="no video index at"):
         read_meta(tmp_path / "nowhere")
+
+
+def test_a_served_query_is_checked_before_it_is_encoded(tmp_path):
+    """The server's own checks, each a one-line reason: empty or overlong queries, k outside 1..100,
+    and indexes that are not there or share a name."""
+    from jobs.serve import MAX_K, BadRequest, ServedIndex, parse_query, search_page
+
+    assert parse_query("  a red car ", None) == ("a red car", 5) and parse_query("car", "100") == ("car", 100)
+    for q, k, reason in (("", "3", "the query is empty"), ("car", "0", f"between 1 and {MAX_K}"),
+                         ("car", "101", f"between 1 and {MAX_K}"), ("car", "2.5", "whole number"),
+                         ("x" * 501, "3", "at most 500")):
+        with pytest.raises(BadRequest, match=reason) as refused:
+            parse_query(q, k)
+        assert refused.value.status == 400
+    for name in ("a/index", "b/index"):
+        write_index(tmp_path / name, SCHEMA.empty_table(), IndexMeta("student.pt", {}, "model", 8, 4, 32))
+    with pytest.raises(ValueError, match="two indexes named 'index'"):
+        ServedIndex.from_dirs([tmp_path / "a" / "index", tmp_path / "b" / "index"])
+    with pytest.raises(FileNotFoundError, match="no video index at"):
+        ServedIndex.from_dirs([tmp_path / "a"])
+    assert 'value="&lt;script&gt;"' in search_page(["index"], "index", "<script>")  # a query is text, not markup

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import urllib.request
 from pathlib import Path
@@ -228,3 +229,67 @@ def test_index_is_incremental_and_search_ranks_by_the_students_text_tower(pipeli
         bad = subprocess.run([sys.executable, "-m", "cluster.cli", "search", where] + args, capture_output=True,
                              text=True, timeout=300, cwd=root)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_serve_searches_over_http_refuses_bad_requests_in_one_line_and_its_page_shows_thumbnails(pipeline_run):
+    """`vidkd serve`'s application on the session's Ray: /healthz, /search (the same hits as
+    `vidkd search`, also under concurrent requests that the text encoder batches), thumbnails,
+    a 4xx with a one-line reason for each bad request, and the search page in headless Chromium
+    showing a thumbnail for every hit."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.error import HTTPError
+    from urllib.parse import urlencode
+
+    from ray import serve
+
+    from core.index import Searcher, VideoIndex
+    from jobs import serve as server
+    from tests.conftest import page_dom
+
+    tmp = pipeline_run[0]
+    out = Path(json.loads(next((tmp / "runs" / "stages").glob("index-*.json")).read_text())["index_dir"])
+    index = VideoIndex.load(out)
+    name = out.resolve().name
+    url = server.start(server.ServedIndex.from_dirs([out]), port=free_port())
+
+    def get(path: str, **params) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"{url}{path}" + (f"?{urlencode(params)}" if params else ""), timeout=60) as r:
+                return r.status, r.read()
+        except HTTPError as error:
+            return error.code, error.read()
+
+    try:
+        assert json.loads(get("healthz")[1]) == {"status": "ok", "indexes": {name: len(index.ids)}}
+        query = "a red car turning left at night"
+        expected = Searcher(out).search(query, 3)
+        status, body = get("search", q=query, k=3)
+        answer = json.loads(body)
+        assert status == 200 and answer["index"] == name and answer["k"] == 3
+        assert [h["video_id"] for h in answer["hits"]] == [h.video_id for h in expected]
+        assert all(abs(h["score"] - e.score) < 1e-4 and h["path"] == e.path for h, e in zip(answer["hits"], expected))
+        with ThreadPoolExecutor(16) as pool:  # arrive together: the encoder answers them in shared batches
+            answers = list(pool.map(lambda i: get("search", q=f"{query} {i % 4}", k=2), range(32)))
+        assert all(s == 200 for s, _ in answers)
+        assert len({b for s, b in answers}) == 4  # each query the same answer however it was batched
+
+        for params, code, reason in (({"q": " ", "k": 3}, 400, "the query is empty"),
+                                     ({"q": query, "k": 0}, 400, "k must be between 1 and"),
+                                     ({"q": query, "k": "many"}, 400, "k must be a whole number"),
+                                     ({"q": query, "index": "nope"}, 404, "unknown index 'nope'")):
+            status, body = get("search", **params)
+            assert status == code and reason in json.loads(body)["error"], body
+            assert b"Traceback" not in body and len(json.loads(body)["error"].splitlines()) == 1
+        status, body = get(f"thumbnail/{name}/no-such-video")
+        assert status == 404 and "no video 'no-such-video'" in json.loads(body)["error"]
+        status, jpeg = get(f"thumbnail/{name}/{expected[0].video_id}")
+        assert status == 200 and jpeg[:2] == b"\xff\xd8"
+
+        dom = page_dom(f"{url}?{urlencode({'q': query, 'k': 3})}", tmp / "chromium-serve")  # as the form submits it
+        if dom is None:
+            pytest.skip("chromium is not installed (make test installs it)")
+        figures = re.findall(r'<figure class="hit"><img alt="([^"]+)" src="([^"]+)" data-loaded="(\d+)x(\d+)"', dom)
+        assert [f[0] for f in figures] == [h.video_id for h in expected], dom[-2000:]
+        assert all(int(w) > 0 and int(h) > 0 for _, _, w, h in figures)  # every thumbnail decoded in the browser
+    finally:
+        serve.delete(server.APP_NAME)
