@@ -49,9 +49,12 @@ class Protocol:
         self.cfg, self.parent = cfg, parent
         self.cache = StageCache(cfg, None)
 
-    def teacher(self, training: TeacherTrainingConfig | None = None, label: str = "teacher") -> TeacherSetup:
+    def teacher(self, training: TeacherTrainingConfig | None = None, label: str = "teacher",
+                pinned: str | None = None) -> TeacherSetup:
         """The pipeline's stages up to extract, with `training` as the teacher to train (default:
-        the config's own teacher_training), under a child run `label`; then the teacher's test row."""
+        the config's own teacher_training), or the checkpoint `pinned` trained before (no training:
+        the same teacher on any machine, its weights' hash in the row), under a child run `label`;
+        then the teacher's test row."""
         from core.evaluation import evaluate_teacher_table
         from core.features import read_meta
         from core.student import load_student
@@ -59,7 +62,12 @@ class Protocol:
         from core.features import table_batches
         from jobs.tables import split_datasets
 
+        from core.config import TeacherConfig
+
         cfg = self.cfg if training is None else self.cfg.model_copy(update={"teacher_training": training})
+        if pinned is not None:
+            extract = cfg.extract.model_copy(update={"teacher": TeacherConfig(kind="vidkd", path=str(pinned))})
+            cfg = cfg.model_copy(update={"teacher_training": None, "extract": extract})
         run = self.parent.child(label, {"vidkd.stage": "bench-teacher"})
         with run.running():
             ctx = run_stages(Context(cfg, self.cache, run), until="extract")

@@ -2,6 +2,7 @@
 and how close does the calibrated default get at no search cost? A protocol fixed in advance.
 
     python bench/teacher_swap.py --config configs/quality.yaml --swap configs/teacher_swap.yaml [--seeds 0 1 2] [--compare-fifo]
+                                 [--teachers A.pt B.pt]     # a teacher pair trained before, pinned by hash
 
 On bench/quality.py's data, target set, students, seeds and test split (`--config`), with what
 `--swap` changes, as `--set` overrides:
@@ -107,7 +108,7 @@ def replay_asha(curves: list[list[float]], max_t: int, grace: int, factor: int, 
 
 
 def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overrides: list[str],
-             compare_fifo: bool = False) -> dict[str, Any]:
+             compare_fifo: bool = False, pinned: list[str] | None = None) -> dict[str, Any]:
     from jobs.runtime import init_ray
     from jobs.tracking import RunLogger
     from jobs.tune import run_tune
@@ -123,9 +124,10 @@ def run_swap(cfg_path: str, swap: dict[str, list[str]], seeds: list[int], overri
                               output_dir=base.output_dir)
     with parent.running():
         protocol = Protocol(base, parent)
-        teachers = {"A": protocol.teacher()}
+        given = dict(zip("AB", pinned or [None, None]))
+        teachers = {"A": protocol.teacher(pinned=given["A"])}
         b_cfg = load_config(cfg_path, overrides + teacher_b_overrides(swap, teachers["A"].teacher))
-        teachers["B"] = protocol.teacher(b_cfg.teacher_training, "teacher-b")
+        teachers["B"] = protocol.teacher(b_cfg.teacher_training, "teacher-b", pinned=given["B"])
         calibration = {name: _calibration(calibrated, setup) for name, setup in teachers.items()}
 
         # the baseline is A's settings without a teacher: the same config (so the same cached
@@ -211,12 +213,13 @@ def format_report(summary: dict[str, Any]) -> str:
     none = {r["seed"]: r["t2v_R1"] for r in runs if r["row"] == "none"}
     lines = [f"Test split: {summary['test_videos']} videos; seeds {seeds}", "",
              "| teacher | t2v R@1 | logit scale | calibrated tau_video | calibrated tau_frame | "
-             "entropy at tau_video 0.01 / calibrated |", "|---|---|---|---|---|---|"]
+             "entropy at tau_video 0.01 / calibrated | weights sha256 |", "|---|---|---|---|---|---|---|"]
     for name, t in summary["teachers"].items():
         cal = t["calibration"]
         lines.append(f"| {name} | {t['t2v_R1']:.1f} | {t.get('logit_scale', float('nan')):.1f} | "
                      f"{cal.get('tau_video', float('nan')):.4g} | {cal.get('tau_frame', float('nan')):.4g} | "
-                     f"{cal.get('published_video_entropy', float('nan')):.2f} / {cal.get('video_entropy', float('nan')):.2f} |")
+                     f"{cal.get('published_video_entropy', float('nan')):.2f} / {cal.get('video_entropy', float('nan')):.2f} | "
+                     f"{t.get('weights_sha256', '')[:12]} |")
     lines += ["", "| student | tau_video | tau_frame | t2v R@1 | v2t R@1 | R@1 − no teacher (paired) | val R@1 |",
               "|---|---|---|---|---|---|---|"]
     stats = {}
@@ -292,12 +295,18 @@ def main() -> None:
     parser.add_argument("--swap", default="configs/teacher_swap.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, as vidkd --set")
+    parser.add_argument("--teachers", nargs=2, metavar=("A.pt", "B.pt"),
+                        help="teacher checkpoints trained before (an earlier run's): no teacher training, the same "
+                             "teacher pair on any machine (their weights' hashes are in the report)")
     parser.add_argument("--compare-fifo", action="store_true",
                         help="also run the full-budget FIFO search and replay ASHA on its curves (goal 5)")
     args = parser.parse_args()
     swap = load_swap(args.swap)
+    for path in args.teachers or []:
+        if not Path(path).is_file():
+            raise SystemExit(f"--teachers: {path} is not a file")
     start = time.perf_counter()
-    result = run_swap(args.config, swap, args.seeds, args.overrides, args.compare_fifo)
+    result = run_swap(args.config, swap, args.seeds, args.overrides, args.compare_fifo, args.teachers)
     print(result["report"])
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
 

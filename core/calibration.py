@@ -3,18 +3,26 @@
 TeachCLIP's CgT and FgT soften the teacher's cosine similarities with `tau_video` and
 `tau_frame`. The right values depend on the teacher: one trained at another temperature, size
 or number of frames spreads its cosines differently, and the same tau then gives a target that
-is nearly one-hot or nearly uniform. What transfers between teachers is how much the target
-says, its entropy. So, before training, the temperatures are solved for on the teacher's own
-embeddings of (up to `videos`) train videos, batched as training batches them:
+is nearly one-hot or nearly uniform. So, before training, the temperatures are solved for on the
+teacher's own embeddings, batched as training batches them (`calibration` in the loss config):
 
-    tau_video:  mean_batches entropy_fraction( softmax(S_t / tau_video) over each row )  = video_entropy
-    tau_frame:  mean_pairs   entropy_fraction( fgt_target(..., tau_frame) over real frames ) = frame_entropy
+    tau_video, method nll (the default): temperature scaling (Guo et al., 2017) on a split the
+        teacher did not train on (`split`, val):
+            argmin_tau  mean_batches  -log softmax(S_t / tau)[i, i]     (row i: video i, its caption i)
+        The target then says as much as the teacher knows: a teacher that ranks the true caption
+        first 60 % of the time gets a softer target than one that does 95 % of the time.
+    tau_video, method entropy: on the train videos,
+            mean_batches entropy_fraction( softmax(S_t / tau_video) over each row )  = video_entropy
+    tau_frame (frames carry no labels):
+            mean_pairs   entropy_fraction( fgt_target(..., tau_frame) over real frames ) = frame_entropy
 
 `entropy_fraction` is the entropy as a share of the uniform one (1.0 says nothing), the same
 measure the training loop logs as `train_teacher_video_entropy` / `train_teacher_frame_entropy`.
-Entropy grows monotonically with the temperature, so each equation has one root, found by
-bisection on log(tau). The target entropies default to those of the settings chosen on val in
-bench/quality.py (docs/benchmarks.md).
+Entropy grows monotonically with the temperature, so each entropy equation has one root, found by
+bisection on log(tau). The NLL is convex in 1/tau, so it has one minimum, found by golden-section
+search on log(tau). Why nll is the default: docs/benchmarks.md, the teacher-swap bench's run 5
+(matched to a fixed entropy, a weaker teacher's targets were sharp where softer ones distilled
+better).
 """
 
 from __future__ import annotations
@@ -49,6 +57,10 @@ class Calibration:
     published_frame_entropy: float
     videos: int
     batch_size: int
+    method: str = "entropy"  # how tau_video was chosen
+    video_nll: float | None = None  # nll: the held-out NLL at tau_video, at the published tau, and on how many videos
+    published_video_nll: float | None = None
+    nll_videos: int = 0
 
     def params(self) -> dict[str, float]:
         return {f"calibration.{k}": v for k, v in asdict(self).items()}
@@ -70,6 +82,32 @@ def solve_temperature(entropy_at: Callable[[float], float], target: float, iters
     return math.exp(0.5 * (low + high))
 
 
+def fit_temperature(loss_at: Callable[[float], float], iters: int = 60) -> float:
+    """The tau in TAU_RANGE minimising the unimodal `loss_at(tau)`, by golden-section search on
+    log(tau) (at the bracket's edge when the minimum lies beyond it)."""
+    low, high = math.log(TAU_RANGE[0]), math.log(TAU_RANGE[1])
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = loss_at(math.exp(a)), loss_at(math.exp(b))
+    for _ in range(iters):
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = loss_at(math.exp(a))
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = loss_at(math.exp(b))
+    return math.exp(0.5 * (low + high))
+
+
+def video_nll(batches: Sequence[TeacherBatch], tau_video: float) -> float:
+    """Mean negative log-likelihood of each video's own caption under the teacher's in-batch
+    video->text softmax at `tau_video` (the CgT target's rows), in float64: the minimum is flat."""
+    return float(torch.stack([-(teacher_similarity(b).double() / tau_video).log_softmax(dim=1).diagonal().mean()
+                              for b in batches]).mean())
+
+
 def video_entropy(batches: Sequence[TeacherBatch], tau_video: float) -> float:
     """Mean entropy fraction of the teacher's video->text batch distributions at `tau_video`."""
     return float(torch.stack([entropy_fraction((teacher_similarity(b) / tau_video).softmax(dim=1))
@@ -83,22 +121,31 @@ def frame_entropy(batches: Sequence[TeacherBatch], tau_frame: float) -> float:
 
 
 def calibrate(batches: Sequence[TeacherBatch], video_target: float | None, frame_target: float | None,
-              tau_video: float = PUBLISHED_TAU_VIDEO, tau_frame: float = PUBLISHED_TAU_FRAME) -> Calibration:
-    """Solve the temperatures whose target is given on `batches`; a None target keeps the given
-    tau, and so does a target out of reach. Also reports the entropies at the published values."""
-    if not batches:
+              tau_video: float = PUBLISHED_TAU_VIDEO, tau_frame: float = PUBLISHED_TAU_FRAME,
+              nll_batches: Sequence[TeacherBatch] | None = None) -> Calibration:
+    """Solve the temperatures asked for on `batches` (train videos): tau_video by NLL on
+    `nll_batches` (held-out videos) when they are given, else to `video_target`'s entropy;
+    tau_frame to `frame_target`'s. A None target keeps the given tau, and so does an entropy out
+    of reach. Also reports the entropies (and NLL) at the published values."""
+    if not batches or (nll_batches is not None and not nll_batches):
         raise ValueError("calibration needs at least one batch of teacher embeddings")
     with torch.no_grad():
-        if video_target is not None:
+        if nll_batches is not None:
+            tau_video = fit_temperature(lambda t: video_nll(nll_batches, t))
+        elif video_target is not None:
             tau_video = solve_temperature(lambda t: video_entropy(batches, t), video_target) or tau_video
         if frame_target is not None:
             tau_frame = solve_temperature(lambda t: frame_entropy(batches, t), frame_target) or tau_frame
+        nll = {} if nll_batches is None else {
+            "method": "nll", "video_nll": video_nll(nll_batches, tau_video),
+            "published_video_nll": video_nll(nll_batches, PUBLISHED_TAU_VIDEO),
+            "nll_videos": sum(len(b.video_emb) for b in nll_batches)}
         return Calibration(
             tau_video=tau_video, tau_frame=tau_frame,
             video_entropy=video_entropy(batches, tau_video), frame_entropy=frame_entropy(batches, tau_frame),
             published_video_entropy=video_entropy(batches, PUBLISHED_TAU_VIDEO),
             published_frame_entropy=frame_entropy(batches, PUBLISHED_TAU_FRAME),
-            videos=sum(len(b.video_emb) for b in batches), batch_size=len(batches[0].video_emb))
+            videos=sum(len(b.video_emb) for b in batches), batch_size=len(batches[0].video_emb), **nll)
 
 
 def teacher_batches(video_emb: Sequence, frame_emb: Sequence, text_emb: Sequence, frame_mask: Sequence,
@@ -142,11 +189,13 @@ def resolve_temperatures(distill: DistillConfig, table_dir: str | Path,
     if loss.objective != "teachclip" or distill.teacher_mode == "none":
         return _with_loss(distill, {name: published[name] for name in auto}), None
     meta = read_meta(table_dir)
-    batches = _calibration_batches(distill, table_dir, meta, teacher)
-    given = {name: published[name] if name in auto else getattr(loss, name) for name in published}
     targets = loss.calibration
+    batches = _calibration_batches(distill, table_dir, meta, teacher, list(distill.train_splits))
+    by_nll = "tau_video" in auto and targets.method == "nll"
+    held_out = _calibration_batches(distill, table_dir, meta, teacher, [targets.split]) if by_nll else None
+    given = {name: published[name] if name in auto else getattr(loss, name) for name in published}
     result = calibrate(batches, targets.video_entropy if "tau_video" in auto else None,
-                       targets.frame_entropy if "tau_frame" in auto else None, **given)
+                       targets.frame_entropy if "tau_frame" in auto else None, **given, nll_batches=held_out)
     return _with_loss(distill, {name: getattr(result, name) for name in auto}), result
 
 
@@ -155,18 +204,18 @@ def _with_loss(distill: DistillConfig, values: dict[str, float]) -> DistillConfi
 
 
 def _calibration_batches(distill: DistillConfig, table_dir: str | Path, meta: TableMeta,
-                         teacher: TeacherConfig | None) -> list[TeacherBatch]:
-    """The first `calibration.videos` videos of the training splits, read straight from Parquet
-    (only the columns needed, only as many rows as used), batched as training batches them."""
+                         teacher: TeacherConfig | None, splits: list[str]) -> list[TeacherBatch]:
+    """The first `calibration.videos` videos of `splits`, read straight from Parquet (only the
+    columns needed, only as many rows as used), batched as training batches them."""
     online = distill.teacher_mode == "online"
     columns = ["video_id", "frame_mask", "captions"] + (["frames"] if online else
                                                         ["teacher_frame_emb", "teacher_video_emb", "teacher_text_emb"])
     dataset = pads.dataset(str(table_dir), format="parquet")
     rows = dataset.head(distill.loss.calibration.videos, columns=columns,
-                        filter=pads.field("split").isin(list(distill.train_splits)))
+                        filter=pads.field("split").isin(splits))
     if rows.num_rows < 2:
         raise ValueError(f"{table_dir}: calibrating the teacher temperatures needs at least 2 videos in "
-                         f"{distill.train_splits}; set loss.tau_video and loss.tau_frame to numbers instead")
+                         f"{'+'.join(splits)}; set loss.tau_video and loss.tau_frame to numbers instead")
     columns_of = {name: rows.column(name).to_pylist() for name in rows.column_names}
     if online:
         if teacher is None or teacher.kind == "none":

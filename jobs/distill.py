@@ -71,10 +71,14 @@ def check_table(meta: TableMeta, distill: DistillConfig, table_dir: str | Path) 
 
 def log_calibration(calibration: Calibration, run: RunLogger | None) -> None:
     """One line saying what `auto` chose, and the same values as the run's params."""
-    log.warning("distill: calibrated on %d teacher videos: tau_video %.4g (target entropy %.3f; the published "
-                "%g gives %.3f), tau_frame %.4g (entropy %.3f; the published %g gives %.3f)",
-                calibration.videos, calibration.tau_video, calibration.video_entropy, PUBLISHED_TAU_VIDEO,
-                calibration.published_video_entropy, calibration.tau_frame, calibration.frame_entropy,
+    video = (f"tau_video {calibration.tau_video:.4g} by NLL on {calibration.nll_videos} held-out videos "
+             f"({calibration.video_nll:.3f}; the published {PUBLISHED_TAU_VIDEO:g} gives "
+             f"{calibration.published_video_nll:.3f}), target entropy {calibration.video_entropy:.3f}"
+             if calibration.method == "nll" else
+             f"tau_video {calibration.tau_video:.4g} (target entropy {calibration.video_entropy:.3f}; the published "
+             f"{PUBLISHED_TAU_VIDEO:g} gives {calibration.published_video_entropy:.3f})")
+    log.warning("distill: calibrated on %d teacher videos: %s, tau_frame %.4g (entropy %.3f; the published %g "
+                "gives %.3f)", calibration.videos, video, calibration.tau_frame, calibration.frame_entropy,
                 PUBLISHED_TAU_FRAME, calibration.published_frame_entropy)
     if run:
         run.log_params(calibration.params())

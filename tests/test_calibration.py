@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from core.calibration import (TAU_RANGE, calibrate, frame_entropy, resolve_temperatures, solve_temperature,
-                              teacher_batches, video_entropy)
+from core.calibration import (TAU_RANGE, calibrate, fit_temperature, frame_entropy, resolve_temperatures,
+                              solve_temperature, teacher_batches, video_entropy, video_nll)
 from core.config import PUBLISHED_TAU_FRAME, PUBLISHED_TAU_VIDEO, CalibrationConfig, DistillConfig, LossConfig
 from core.features import SCHEMA, TableMeta, commit_table, to_bytes
 from core.losses import TeacherBatch
@@ -45,6 +45,34 @@ def test_hand_computed_roots():
     # padded frames add nothing, whatever they hold
     padded = calibrate([two_by_two(frames=4, pad=True)], video_target=None, frame_target=H_09)
     assert padded.tau_frame == pytest.approx(TAU_09, rel=1e-6)
+
+
+def one_wrong_of_two() -> TeacherBatch:
+    """Two videos, both the first caption's (cos 1 with it, 0 with the second): row 0 ranks its own
+    caption first, row 1 ranks the other's first."""
+    e = torch.eye(3)
+    return TeacherBatch(video_emb=torch.stack([e[0], e[0]]), frame_emb=torch.stack([e[:2], e[:2]]),
+                        text_emb=e[:2], frame_mask=torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_nll_calibration_makes_the_teachers_confidence_its_accuracy():
+    """Temperature scaling, by hand: 3 rows of 4 rank their own caption first by a cosine margin
+    of 1, one ranks the other first by 1. NLL(b = 1/tau) = (3 log(1 + e^-b) + log(1 + e^b)) / 4,
+    whose minimum has sigmoid(b) = 3/4: b = ln 3, tau = 1 / ln 3 = 0.910239, where the teacher's
+    probability of the true caption is its accuracy, 0.75."""
+    held_out = [two_by_two(), one_wrong_of_two()]
+    tau = 1.0 / math.log(3.0)
+    nll = lambda t: (3 * math.log1p(math.exp(-1 / t)) + math.log1p(math.exp(1 / t))) / 4  # noqa: E731
+    assert video_nll(held_out, tau) == pytest.approx(nll(tau), abs=1e-6)
+    assert video_nll(held_out, 0.3) == pytest.approx(nll(0.3), abs=1e-6)
+    result = calibrate([two_by_two()], video_target=0.5, frame_target=None, nll_batches=held_out)
+    assert result.method == "nll" and result.tau_video == pytest.approx(tau, rel=1e-5)
+    assert result.video_nll == pytest.approx(nll(tau), abs=1e-6) and result.nll_videos == 4
+    assert result.published_video_nll == pytest.approx(nll(PUBLISHED_TAU_VIDEO), abs=1e-4)  # 25.0: confidently wrong
+    assert result.video_entropy == pytest.approx(video_entropy([two_by_two()], tau)), "reported on the train batches"
+    # a teacher right every time: sharper is always better, the bracket's edge
+    assert fit_temperature(lambda t: video_nll([two_by_two()], t)) == pytest.approx(TAU_RANGE[0], rel=1e-3)
+    assert fit_temperature(lambda t: (math.log(t) - math.log(0.05)) ** 2) == pytest.approx(0.05, rel=1e-6)
 
 
 def test_published_entropies_and_kept_values():
@@ -93,6 +121,7 @@ def test_auto_is_the_default_and_published_values_are_pinned():
     assert (loss.tau_video, loss.tau_frame) == ("auto", "auto")
     assert (PUBLISHED_TAU_VIDEO, PUBLISHED_TAU_FRAME) == (0.01, 1.0)
     assert (loss.calibration.video_entropy, loss.calibration.frame_entropy) == (0.10, 0.99)
+    assert (loss.calibration.method, loss.calibration.split) == ("nll", "val")
     with pytest.raises(ValueError):
         LossConfig(tau_video="sharp")
 
@@ -108,7 +137,8 @@ def test_resolve_without_a_teacher_term_needs_no_table(tmp_path):
 
 def test_resolve_reads_the_train_split_of_a_table(tmp_path):
     table = write_table(tmp_path, train=24, val=6)
-    distill = DistillConfig(batch_size=8, loss=LossConfig(tau_frame=0.5, calibration=CalibrationConfig(videos=16)))
+    distill = DistillConfig(batch_size=8, loss=LossConfig(tau_frame=0.5, calibration=CalibrationConfig(
+        videos=16, method="entropy")))
     resolved, calibration = resolve_temperatures(distill, table)
     assert calibration.videos == 16 and calibration.batch_size == 8
     assert resolved.loss.tau_frame == 0.5 and calibration.tau_frame == 0.5, "a number is kept"
@@ -121,6 +151,24 @@ def test_resolve_reads_the_train_split_of_a_table(tmp_path):
 
     with pytest.raises(ValueError, match="at least 2 videos"):
         resolve_temperatures(distill.model_copy(update={"train_splits": ["pool"]}), table)
+
+
+def test_resolve_by_nll_reads_the_held_out_split(tmp_path):
+    """The default: tau_video by NLL on the val rows (batched as training batches), tau_frame by
+    entropy on the train rows; a split without videos is a one-line error."""
+    table = write_table(tmp_path, train=24, val=12)
+    distill = DistillConfig(batch_size=4, loss=LossConfig(calibration=CalibrationConfig(videos=16)))
+    resolved, calibration = resolve_temperatures(distill, table)
+    video, frames, texts, mask = random_embeddings(36, seed=1)
+    held_out = teacher_batches(video[24:], frames[24:], texts[24:], mask[24:], 4)
+    expected = fit_temperature(lambda t: video_nll(held_out, t))
+    assert calibration.method == "nll" and calibration.nll_videos == 12 and calibration.videos == 16
+    assert resolved.loss.tau_video == calibration.tau_video == pytest.approx(expected, rel=1e-2)  # float16 in the table
+    assert calibration.frame_entropy == pytest.approx(0.99, abs=1e-4)
+    assert calibration.params()["calibration.method"] == "nll"
+    with pytest.raises(ValueError, match="at least 2 videos in test"):
+        resolve_temperatures(distill.model_copy(update={"loss": distill.loss.model_copy(update={
+            "calibration": CalibrationConfig(split="test")})}), table)
 
 
 # ------------------------------------------------------------------------------ helpers
