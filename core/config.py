@@ -6,27 +6,16 @@ starts. `load_config` turns pydantic's report into one line that names the field
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-
-def digest(parts: Any, length: int = 16) -> str:
-    """A short content hash of JSON-able `parts` (configs, keys): the same parts, the same name."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line naming the field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+from core.config_base import ConfigError, digest  # noqa: F401 (digest: for importers)
+from core.config_base import Strict as _Strict
+from core.config_deploy import IndexConfig, QuantizeConfig, QuantKernel, RegistryConfig  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------- data
@@ -280,38 +269,7 @@ def _resolve_field(model: type[BaseModel], dotted: str) -> None:
         current = fields[part].annotation
 
 
-# ----------------------------------------------------------------------------------- quantize
-# Which packed linear runs an INT4 layer: `fused`, gptqmodel's TorchFusedLinear (torch's int4 CPU
-# matmul, bfloat16 activations), `torch` its TorchLinear (dequantizes every forward; any device and
-# bits); `auto`: fused where it can (CPU, 4 bits, groups 32-128, outputs a multiple of 16). One checkpoint.
-QuantKernel = Literal["auto", "fused", "torch"]
-
-
-class QuantizeConfig(_Strict):
-    bits: Literal[3, 4, 8] = 4
-    group_size: int = Field(128, ge=-1)  # -1: one group per row
-    sym: bool = True
-    damp: float = Field(0.01, gt=0, lt=1)
-    act_order: bool = False
-    calib_samples: int = Field(200, ge=1)
-    compare_rtn: bool = True  # also evaluate round-to-nearest at the same bits
-    kernel: QuantKernel = "auto"  # how the quantized students are run when evaluated (not saved)
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, value: int) -> int:
-        if value == 0 or (value > 0 and value & (value - 1)):
-            raise ValueError("group_size must be -1 or a power of two")
-        return value
-
-
 # ------------------------------------------------------------------------------ tracking, ray
-class RegistryConfig(_Strict):  # quantize registers both students under these names (alias candidate)
-    enabled: bool = True
-    student_name: str = Field("vidkd-student", min_length=1)
-    int4_name: str = Field("vidkd-student-int4", min_length=1)
-
-
 class TrackingConfig(_Strict):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
     experiment: str = "vidkd"
@@ -326,14 +284,6 @@ class ReportConfig(_Strict):  # the pipeline's closing table
     # The student's R@1 std over seeds for this config, as bench/quality.py measured it: the
     # closing table says how large a difference must be to be more than run-to-run noise.
     seed_std_r1: float | None = Field(None, ge=0)
-
-
-class IndexConfig(_Strict):  # the pipeline's last stage: a split indexed with the INT4 student, queries searched
-    enabled: bool = False
-    split: Literal["train", "val", "test"] = "test"
-    out: str | None = None  # default: <output_dir>/index
-    queries: list[str] = Field(default_factory=list)
-    top_k: int = Field(3, ge=1)
 
 
 class TeacherTrainingConfig(_Strict):  # the demo trains its own teacher: distill with no teacher, a larger model

@@ -5,9 +5,13 @@ An index directory holds
   embedded, and its L2-normalised float32 embedding);
 - `index.json`: the model that built it (its source, and for a registered model its name,
   version, run and lineage), the embedding width, the frame sampling, the videos that failed;
-- `model/`: a copy of that student, so that searching needs neither MLflow nor the registry.
+- `model/`: a copy of that student, so that searching needs neither MLflow nor the registry;
+- `hnsw.faiss`, for a collection of at least `exact_below` videos: a faiss HNSW graph over the
+  same embeddings (`AnnIndex`).
 
-Search is exact: a matrix product over every embedding (`VideoIndex.search`).
+Search is exact below that size (a matrix product over every embedding and a partial sort) and
+approximate above it, where the exact search's time grows with the collection and the graph's
+barely does; `bench/ann.py` measured where to switch (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.config_deploy import EXACT_BELOW
+
 EMBEDDINGS_FILE = "embeddings.parquet"
 META_FILE = "index.json"
 MODEL_DIR = "model"
+ANN_FILE = "hnsw.faiss"
 SCHEMA = pa.schema([("video_id", pa.string()), ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.int64()),
                     ("embedding", pa.list_(pa.float32()))])
 
@@ -39,6 +46,7 @@ class IndexMeta:
     image_size: int
     videos: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
+    search: str = "exact"  # or "hnsw": the index has an AnnIndex
 
     def model_identity(self) -> tuple:
         """A registered student by name and version (whatever alias named it), a local one by its
@@ -74,18 +82,70 @@ def read_rows(index_dir: str | Path) -> pa.Table:
     return pq.read_table(path) if path.is_file() else SCHEMA.empty_table()
 
 
-def write_index(index_dir: str | Path, rows: pa.Table, meta: IndexMeta) -> None:
-    """The rows and the metadata, each replaced whole (written beside, then renamed): a reader
-    never sees half an index, and a job that dies leaves the previous one."""
+def write_index(index_dir: str | Path, rows: pa.Table, meta: IndexMeta, exact_below: int = EXACT_BELOW) -> None:
+    """The rows, the HNSW graph when there are at least `exact_below` of them, and the metadata,
+    each replaced whole (written beside, then renamed; the metadata last): a reader never sees
+    half an index, and a job that dies leaves the previous one."""
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
     meta.videos = rows.num_rows
     staged = index_dir / f".{EMBEDDINGS_FILE}.tmp"
     pq.write_table(rows.cast(SCHEMA), staged)
     os.replace(staged, index_dir / EMBEDDINGS_FILE)
+    meta.search = "hnsw" if rows.num_rows >= exact_below else "exact"
+    if meta.search == "hnsw":
+        AnnIndex.build(embeddings_array(rows, meta.embed_dim)).write(index_dir / ANN_FILE)
+    else:
+        (index_dir / ANN_FILE).unlink(missing_ok=True)
     staged_meta = index_dir / f".{META_FILE}.tmp"
     staged_meta.write_text(json.dumps(asdict(meta), indent=1))
     os.replace(staged_meta, index_dir / META_FILE)
+
+
+class AnnIndex:
+    """An approximate nearest-neighbour index: faiss HNSW, inner product over L2-normalised
+    embeddings (so, cosine). M 32 and efSearch 128: recall@10 against exact search in
+    docs/benchmarks.md."""
+
+    M, EF_CONSTRUCTION, EF_SEARCH = 32, 80, 128
+    MAX_K = EF_SEARCH // 2  # larger k: exact search
+
+    def __init__(self, index: Any):
+        self.index = index
+        self.index.hnsw.efSearch = self.EF_SEARCH
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray) -> "AnnIndex":
+        import faiss
+
+        embeddings = np.ascontiguousarray(embeddings, np.float32)
+        index = faiss.IndexHNSWFlat(embeddings.shape[1], cls.M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cls.EF_CONSTRUCTION
+        index.add(embeddings)
+        return cls(index)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "AnnIndex":
+        import faiss
+
+        return cls(faiss.read_index(str(path)))
+
+    def write(self, path: str | Path) -> None:
+        import faiss
+
+        staged = Path(path).with_name(f".{Path(path).name}.tmp")
+        faiss.write_index(self.index, str(staged))
+        os.replace(staged, path)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row numbers and cosines of (about) the `k` nearest rows to the normalised `query`."""
+        scores, rows = self.index.search(np.ascontiguousarray(query.reshape(1, -1), np.float32), k)
+        found = rows[0] >= 0
+        return rows[0][found], scores[0][found]
 
 
 def embeddings_array(rows: pa.Table, dim: int) -> np.ndarray:
@@ -113,13 +173,19 @@ class VideoIndex:
     ids: list[str]
     paths: list[str]
     embeddings: np.ndarray  # float32 [N, D], rows L2-normalised
+    ann: AnnIndex | None = None  # searched instead of the matrix product, when the index has one
 
     @classmethod
     def load(cls, index_dir: str | Path) -> "VideoIndex":
         meta = read_meta(index_dir)
         rows = read_rows(index_dir)
+        ann = None
+        if meta.search == "hnsw" and (Path(index_dir) / ANN_FILE).is_file():
+            ann = AnnIndex.read(Path(index_dir) / ANN_FILE)
+            if ann.size != rows.num_rows:  # written by another build than the rows: exact, not wrong
+                ann = None
         return cls(Path(index_dir), meta, rows.column("video_id").to_pylist(), rows.column("path").to_pylist(),
-                   embeddings_array(rows, meta.embed_dim))
+                   embeddings_array(rows, meta.embed_dim), ann)
 
     @property
     def model_path(self) -> Path:
@@ -133,6 +199,9 @@ class VideoIndex:
         if query.shape[0] != self.embeddings.shape[1]:
             raise ValueError(f"the query has {query.shape[0]} dimensions, the index {self.embeddings.shape[1]}")
         query = query / max(float(np.linalg.norm(query)), 1e-12)
+        if self.ann is not None and k <= AnnIndex.MAX_K:  # beyond, the graph may miss some: exact
+            rows, cosines = self.ann.search(query, min(k, len(self.ids)))
+            return [Hit(rank + 1, self.ids[i], float(c), self.paths[i]) for rank, (i, c) in enumerate(zip(rows, cosines))]
         scores = self.embeddings @ query
         k = min(k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))

@@ -100,7 +100,7 @@ def run_index(cfg: VidkdConfig, model: str, manifest: str | Path | None, out: st
                           "size": [stamps[i]["size"] for i in ids], "mtime": [stamps[i]["mtime"] for i in ids],
                           "embedding": embedded.column("embedding")}, schema=SCHEMA)
     meta.failures = failures
-    write_index(out, pa.concat_tables([keep.cast(SCHEMA), added]), meta)
+    write_index(out, pa.concat_tables([keep.cast(SCHEMA), added]), meta, cfg.index.exact_below)
     _drop_other_models(out, meta.model_path)
     seconds = time.perf_counter() - start
     log.warning("index: %d videos in %s (%d embedded, %d kept, %d failed) in %.1fs", meta.videos, out, added.num_rows,

@@ -257,7 +257,7 @@ def _index_dir(ctx: Context) -> Path:
 
 
 def _index_key(ctx: Context) -> Any:
-    return [ctx.outputs["quantize"]["output_dir"], ctx.cfg.index.split, str(_index_dir(ctx))]
+    return [ctx.outputs["quantize"]["output_dir"], ctx.cfg.index.split, str(_index_dir(ctx)), ctx.cfg.index.exact_below]
 
 
 def _build_index(ctx: Context) -> dict:
@@ -362,6 +362,7 @@ def index_lines(index: dict, queries: list[str], k: int) -> str:
         lines.append(f'  "{query}": ' + ", ".join(f"{h.video_id} ({h.score:.2f})" for h in hits))
     example = queries[0] if queries else "a red car turning left at night"
     lines.append(f'Search it: vidkd search {index["index_dir"]} "{example}" -k 5 --sheet hits.png')
+    lines.append(f'Serve it:  vidkd serve {index["index_dir"]} --port 8000   (then open http://127.0.0.1:8000/)')
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from core.index import SCHEMA, IndexMeta, VideoIndex, normalise, plan_update, read_meta, read_rows, write_index
@@ -62,6 +63,35 @@ def test_an_index_is_written_whole_and_read_back(tmp_path):
     assert not local.same_model(IndexMeta("t.pt", {"size": "10", "mtime_ns": "5"}, "", 2, 4, 32))
     with pytest.raises(FileNotFoundError, match="no video index at"):
         read_meta(tmp_path / "nowhere")
+
+
+def test_a_large_index_searches_an_hnsw_graph_and_a_small_one_exactly(tmp_path):
+    """At `exact_below` videos or more the index gets an HNSW graph beside its rows, and search
+    answers from it: here (200 videos, well inside what the graph finds exactly) the same hits as
+    the matrix product. Written again below the threshold, the graph goes; a graph that does not
+    match the rows (another build's) is ignored, not trusted."""
+    from core.index import ANN_FILE
+
+    rng = np.random.default_rng(0)
+    emb = normalise(rng.standard_normal((200, 16)))
+    table = rows([(f"v{i:03d}", f"/v{i}", 1, 2, list(e)) for i, e in enumerate(emb)])
+    meta = IndexMeta("s.pt", {}, "model", 16, 4, 32)
+    write_index(tmp_path, table, meta, exact_below=100)
+    assert (tmp_path / ANN_FILE).is_file() and read_meta(tmp_path).search == "hnsw"
+    graph = VideoIndex.load(tmp_path)
+    assert graph.ann is not None and graph.ann.size == 200
+    exact = VideoIndex(tmp_path, meta, graph.ids, graph.paths, graph.embeddings)
+    for query in rng.standard_normal((20, 16)):
+        got, want = graph.search(query, 5), exact.search(query, 5)
+        assert [h.video_id for h in got] == [h.video_id for h in want]
+        assert [round(h.score, 4) for h in got] == [round(h.score, 4) for h in want]
+    assert len(graph.search(emb[0], 500)) == 200  # a k the graph may not fill: exact, all of it
+
+    write_index(tmp_path, table.slice(0, 50), IndexMeta("s.pt", {}, "model", 16, 4, 32), exact_below=100)
+    assert not (tmp_path / ANN_FILE).exists() and VideoIndex.load(tmp_path).ann is None
+    write_index(tmp_path, table, IndexMeta("s.pt", {}, "model", 16, 4, 32), exact_below=100)
+    pq.write_table(table.slice(0, 150), tmp_path / "embeddings.parquet")  # rows replaced, graph left behind
+    assert VideoIndex.load(tmp_path).ann is None
 
 
 def test_a_served_query_is_checked_before_it_is_encoded(tmp_path):
