@@ -285,6 +285,45 @@ def test_fused_kernel_matches_dequantized_reference(shape, group_size, act_order
 
 
 @requires_fused
+@pytest.mark.parametrize("shape,group_size,act_order,sym", [
+    ((128, 64), 128, False, True), ((256, 192), 64, True, False), ((96, 128), 32, False, True),
+])
+def test_many_rows_run_a_dequantized_bf16_matmul_that_matches_the_kernel(shape, group_size, act_order, sym):
+    """From DENSE_FROM_ROWS rows the fused layer dequantizes its packed codes to bfloat16 and runs
+    a dense matmul instead of the int4 kernel: the same weight, read from the kernel's own packing
+    (whose layout is checked), so the same outputs to bfloat16 precision; fewer rows still run
+    the kernel. An output width the layout check does not cover keeps the kernel for all rows."""
+    from core.quant.fused import DENSE_FROM_ROWS, dense_layout_ok
+
+    torch.manual_seed(0)
+    in_features, out_features = shape
+    linear = nn.Linear(in_features, out_features)
+    quantizer = quant.LayerQuantizer(linear, QuantizeConfig(group_size=group_size, act_order=act_order, sym=sym))
+    quantizer.add_batch(torch.randn(400, in_features))
+    reference = quantizer.quantize().module
+    model = nn.Sequential(copy.deepcopy(reference))
+    quant.set_kernel(model, "fused")
+    assert dense_layout_ok(in_features)
+    few, kernel_for_few = ran_int4_kernel(model[0], torch.randn(DENSE_FROM_ROWS - 1, in_features))
+    x = torch.randn(DENSE_FROM_ROWS + 72, in_features)
+    many, kernel_for_many = ran_int4_kernel(model[0], x)
+    assert kernel_for_few and not kernel_for_many and model[0].dense_ok
+    with torch.no_grad():
+        expected = reference(x)
+        kernel = model[0].torch_fused_op(torch.gather(x.bfloat16(), 1, model[0].group_order.expand(len(x), -1))
+                                         if not model[0].in_order else x.bfloat16()).float() + model[0].bias
+    assert relative_error(many, expected) < 6e-3
+    assert relative_error(many, kernel) < 6e-3  # the kernel's own answer for the same rows
+
+    odd_quantizer = quant.LayerQuantizer(nn.Linear(128, 48), QuantizeConfig())
+    odd_quantizer.add_batch(torch.randn(200, 128))
+    odd = nn.Sequential(odd_quantizer.quantize().module)
+    quant.set_kernel(odd, "fused")
+    _, kernel_for_odd = ran_int4_kernel(odd[0], torch.randn(DENSE_FROM_ROWS + 10, 128))
+    assert kernel_for_odd and not odd[0].dense_ok  # 48 outputs: not a whole packing block
+
+
+@requires_fused
 def test_checkpoint_loads_into_either_kernel(gptq_model, held_out, tmp_path):
     model, _ = gptq_model
     quant.save_quantized(model, tmp_path, QuantizeConfig(), {"model": MODEL})
