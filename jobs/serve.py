@@ -204,6 +204,7 @@ class SearchApi:
 
     def __init__(self, indexes: list[ServedIndex], encoders: dict[str, Any]):
         self.indexes = {s.name: VideoIndex.load(s.directory) for s in indexes}
+        self.rows = {name: {vid: row for row, vid in enumerate(index.ids)} for name, index in self.indexes.items()}
         self.default = indexes[0].name
         self.encoders = encoders
         self.thumbnails: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
@@ -224,7 +225,7 @@ class SearchApi:
         query, top = parse_query(q, k)
         name, video_index = self._index(index)
         embedding = await self.encoders[name].remote(query)
-        hits = video_index.search(embedding, top)
+        hits = await asyncio.to_thread(video_index.search, embedding, top)  # exact over a large index: milliseconds
         return {"query": query, "index": name, "k": top, "model": video_index.meta.model,
                 "hits": [{"rank": h.rank, "video_id": h.video_id, "score": round(h.score, 6), "path": h.path,
                           "thumbnail": f"/thumbnail/{name}/{h.video_id}"} for h in hits]}
@@ -233,11 +234,12 @@ class SearchApi:
     @refusing
     async def thumbnail(self, index: str, video_id: str) -> Response:
         name, video_index = self._index(index)
-        if video_id not in video_index.ids:
+        row = self.rows[name].get(video_id)
+        if row is None:
             raise BadRequest(404, f"no video {video_id!r} in index {name!r}")
         key = (name, video_id)
         if key not in self.thumbnails:
-            path = video_index.paths[video_index.ids.index(video_id)]
+            path = video_index.paths[row]
             self.thumbnails[key] = await asyncio.to_thread(middle_frame_jpeg, path)  # decoding: off the event loop
             while len(self.thumbnails) > THUMBNAILS_KEPT:
                 self.thumbnails.popitem(last=False)
@@ -274,7 +276,9 @@ def start(indexes: list[ServedIndex], host: str = "127.0.0.1", port: int = 8000,
           replicas: int = 1) -> str:
     """Run the application on the Ray instance this driver is connected to; its URL."""
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(indexes, kernel, replicas), name=APP_NAME, route_prefix="/")
+    # no access-log line per request on the driver's console (hundreds a second under load)
+    serve.run(build_app(indexes, kernel, replicas), name=APP_NAME, route_prefix="/",
+              logging_config={"enable_access_log": False})
     return f"http://{host}:{port}/"
 
 
