@@ -35,7 +35,7 @@ from core.index import write_index
 from core.student import load_student_model
 from jobs.extract import TableSink, decode_rows, read_work_list, split_failures, write_work_list
 from jobs.registry import ResolvedModel, resolve_model
-from jobs.runtime import cluster_cpus, init_ray
+from jobs.runtime import cluster_cpus, import_quant_backend, init_ray
 from jobs.tracking import tracking_uri
 
 log = logging.getLogger("vidkd.index")
@@ -47,6 +47,8 @@ class StudentEncoder:
 
     def __init__(self, model_path: str, kernel: str):
         torch.set_num_threads(1)
+        if Path(model_path).is_dir():  # an INT4 student: gptqmodel's import banner only at --verbose
+            import_quant_backend()
         self.student = load_student_model(model_path, kernel=kernel)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

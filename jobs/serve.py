@@ -97,8 +97,11 @@ class TextEncoder:
         import torch
 
         from core.student import load_student_model
+        from jobs.runtime import import_quant_backend
 
         torch.set_num_threads(threads)
+        if Path(model_path).is_dir():  # an INT4 student: gptqmodel's import banner only at --verbose
+            import_quant_backend()
         self.student = load_student_model(model_path, kernel=kernel)
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
@@ -275,10 +278,16 @@ def check_port(host: str, port: int) -> None:
 def start(indexes: list[ServedIndex], host: str = "127.0.0.1", port: int = 8000, kernel: str = "auto",
           replicas: int = 1) -> str:
     """Run the application on the Ray instance this driver is connected to; its URL."""
-    serve.start(http_options={"host": host, "port": port})
-    # no access-log line per request on the driver's console (hundreds a second under load)
-    serve.run(build_app(indexes, kernel, replicas), name=APP_NAME, route_prefix="/",
-              logging_config={"enable_access_log": False})
+    import logging
+
+    from jobs.runtime import log_level
+
+    # Serve's own INFO lines (replicas starting, endpoints) only at --verbose, and no access-log line
+    # per request on the driver's console (hundreds a second under load)
+    logs = {"log_level": logging.getLevelName(log_level()), "enable_access_log": False}
+    logging.getLogger("ray.serve").setLevel(log_level())  # this driver's "Started Serve", "is ready"
+    serve.start(http_options={"host": host, "port": port}, logging_config=logs)
+    serve.run(build_app(indexes, kernel, replicas), name=APP_NAME, route_prefix="/", logging_config=logs)
     return f"http://{host}:{port}/"
 
 
