@@ -12,33 +12,18 @@ existing indexes instead. Each is served as `vidkd serve` serves it (`jobs.serve
 text-encoder replica, one ingress) on one local Ray instance, one at a time on the same free
 127.0.0.1 port, the application deleted between them.
 
-Load: C client threads (C in `--clients`) in this process, each sending GET /search?q=...&k=5
-with urllib back to back for `--seconds`; the queries are the captions of the manifest's videos,
-every client starting at its own caption. Before it is timed, each server answers the first
-caption of every video (8 clients; the share whose top hit is that caption's video is the
-"R@1 over HTTP" sanity line) and one second at the largest C. queries/s is the requests answered
-over the wall time from the clients' start to the last answer; p50 and p99 are over all of a
-level's requests. Rounds alternate the order of the two servers, so load on this shared machine
-falls on both alike: the absolute numbers are medians over rounds, "INT4/fp32" is the median of
-each round's ratio (min-max over rounds beside it).
+Load: C client threads (C in `--clients`) send GET /search?q=<caption>&k=5 back to back for
+`--seconds`, each from its own caption, after a warm-up (every video's first caption, whose top-hit
+share is the "R@1 over HTTP" line, and one second at the largest C). queries/s: answers over wall
+time; p50/p99 over a level's requests. Rounds alternate the servers' order: absolute numbers are
+medians over rounds, "INT4/fp32" the median of each round's ratio (min-max beside it).
+"Queries per text forward": a level's queries over the batches the encoder ran, from Ray Serve's
+own counters on this node's Prometheus endpoint (exported every second here). CPU per query: the
+user + system seconds of each process group (clients, Serve's proxy, the ingress, the encoder, the
+rest of Ray) over a level; "cores busy" their sum over its wall time.
 
-The text encoder's batches (`@serve.batch`): "queries per text forward" is a level's queries over
-the batches the encoder ran meanwhile, Ray Serve's own counters (`serve_batches_processed`,
-`serve_deployment_request_counter`) read from this node's Prometheus endpoint before and after
-the level. They are exported every second here (RAY_metrics_report_interval_ms, default 10 s), and
-each read waits until the counters include every query answered so far; "n/a" where they did not
-within 6 s.
-
-Where the CPU goes: the CPU seconds (user + system) each process of the bench used during a level,
-per query: the client threads (this process, also Ray's driver), Serve's HTTP proxy, the ingress,
-the text encoder, and the rest of the Ray instance (raylet, GCS, dashboard, log monitor, Serve's
-controller); "cores busy" is their sum over the level's wall time (other users' processes on the
-machine are not in it).
-
-What INT4 changes: core.quant quantizes the blocks of the student's *vision* tower only
-(`quantize_visual(student.clip.visual, ...)`); the text tower, the only one a query runs through,
-stays fp32 in both. The bench checks this (quantized linears outside `clip.visual`; the two
-students' text embeddings of the captions) and prints it.
+INT4 quantizes the student's *vision* tower only (`quantize_visual(student.clip.visual, ...)`): the
+text tower, the only one a query runs, is fp32 in both. The bench checks and prints this.
 """
 
 from __future__ import annotations

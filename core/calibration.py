@@ -42,6 +42,7 @@ from core.features import TableMeta, decode_batch, read_meta
 from core.losses import TeacherBatch, entropy_fraction, fgt_target, teacher_similarity
 
 TAU_RANGE = (1e-4, 100.0)  # the bracket searched; cosines lie in [-1, 1]
+NLL_TAU_MAX = 10.0  # the highest tau a config takes: a teacher no better than chance on held-out videos gets it
 
 
 @dataclass
@@ -82,10 +83,11 @@ def solve_temperature(entropy_at: Callable[[float], float], target: float, iters
     return math.exp(0.5 * (low + high))
 
 
-def fit_temperature(loss_at: Callable[[float], float], iters: int = 60) -> float:
-    """The tau in TAU_RANGE minimising the unimodal `loss_at(tau)`, by golden-section search on
+def fit_temperature(loss_at: Callable[[float], float], iters: int = 60,
+                    bracket: tuple[float, float] = (TAU_RANGE[0], NLL_TAU_MAX)) -> float:
+    """The tau in `bracket` minimising the unimodal `loss_at(tau)`, by golden-section search on
     log(tau) (at the bracket's edge when the minimum lies beyond it)."""
-    low, high = math.log(TAU_RANGE[0]), math.log(TAU_RANGE[1])
+    low, high = math.log(bracket[0]), math.log(bracket[1])
     ratio = (math.sqrt(5) - 1) / 2
     a, b = high - ratio * (high - low), low + ratio * (high - low)
     fa, fb = loss_at(math.exp(a)), loss_at(math.exp(b))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from core.calibration import (TAU_RANGE, calibrate, fit_temperature, frame_entropy, resolve_temperatures,
+from core.calibration import (NLL_TAU_MAX, TAU_RANGE, calibrate, fit_temperature, frame_entropy, resolve_temperatures,
                               solve_temperature, teacher_batches, video_entropy, video_nll)
 from core.config import PUBLISHED_TAU_FRAME, PUBLISHED_TAU_VIDEO, CalibrationConfig, DistillConfig, LossConfig
 from core.features import SCHEMA, TableMeta, commit_table, to_bytes
@@ -73,6 +73,11 @@ def test_nll_calibration_makes_the_teachers_confidence_its_accuracy():
     # a teacher right every time: sharper is always better, the bracket's edge
     assert fit_temperature(lambda t: video_nll([two_by_two()], t)) == pytest.approx(TAU_RANGE[0], rel=1e-3)
     assert fit_temperature(lambda t: (math.log(t) - math.log(0.05)) ** 2) == pytest.approx(0.05, rel=1e-6)
+    # a teacher wrong as often as right says nothing: the softest temperature a config takes
+    chance = [two_by_two(), TeacherBatch(torch.eye(3)[:2], torch.eye(3)[:2, None].expand(-1, 2, -1),
+                                         torch.eye(3)[[1, 0]], torch.ones(2, 2, dtype=torch.bool))]
+    soft = calibrate([two_by_two()], video_target=0.5, frame_target=None, nll_batches=chance)
+    assert soft.tau_video == pytest.approx(NLL_TAU_MAX, rel=1e-3) and LossConfig(tau_video=soft.tau_video)
 
 
 def test_published_entropies_and_kept_values():
