@@ -9,6 +9,7 @@ it needs is a typed `LoopSpec`; only the `Session` it is handed differs between 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -160,6 +161,7 @@ def train_loop(config: dict, session: Session | None = None) -> None:
     calls the loop with it). A Tune trial passes its own `session`; a Ray Train worker makes one."""
     spec = LoopSpec.from_config(config)
     session = session or TrainSession()
+    sweep_spent_checkpoints()
     quiet_training_worker()
     cfg, meta = spec.distill, spec.meta
     if "auto" in (cfg.loss.tau_video, cfg.loss.tau_frame):
@@ -241,7 +243,7 @@ def train_loop(config: dict, session: Session | None = None) -> None:
             best = max(best, metrics[TARGET_METRIC])
             metrics["best_" + TARGET_METRIC] = best
             history.append(metrics)
-            checkpoint_dir = tempfile.mkdtemp(prefix="vidkd-ckpt-")
+            checkpoint_dir = tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{os.getpid()}-")
             save_student(student, Path(checkpoint_dir) / CHECKPOINT_FILE, extra={"epoch": epoch, **_floats(val)})
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                         "history": history, "best": best, "run_id": spec.run_id},
@@ -252,15 +254,36 @@ def train_loop(config: dict, session: Session | None = None) -> None:
                         metrics["train_loss"], metrics[TARGET_METRIC], metrics["epoch_time_s"])
         if session.world_size > 1:
             metrics = _broadcast(metrics)
-        session.report(metrics, checkpoint_dir)
-        if checkpoint_dir:  # reporting copied it to the run's storage; the local copy is spent
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        try:
+            session.report(metrics, checkpoint_dir)
+        finally:  # reporting copied it to the run's storage; the local copy is spent (also when a trial is stopped)
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
         _maybe_fail(spec.fail_after, epoch)
 
     if is_chief and run:
         from jobs.plots import training_curves
 
         run.log_figure(training_curves(history), "plots/training_curves.png")
+
+
+CHECKPOINT_PREFIX = "vidkd-ckpt-"  # + the writing process's pid: each epoch's local copy, until reported
+
+
+def sweep_spent_checkpoints() -> None:
+    """Remove the local checkpoint copies of trainings whose process is gone. A copy is removed
+    once reported, but a process killed in between (a trial ASHA stops, a lost node, a worker
+    killed by a test) leaves it in the temp directory: tens of MB each, every stopped trial."""
+    for path in Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_PREFIX}*"):
+        pid = path.name.removeprefix(CHECKPOINT_PREFIX).split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # another user's process, alive
+            pass
 
 
 def _log_epoch(run: RunLogger, metrics: dict) -> None:

@@ -188,3 +188,25 @@ def test_gptqmodel_imports_without_its_banner():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "LOGBAR WARNING", (done.stdout + done.stderr)[-2000:]
     assert done.stderr.strip() == "WARNING:root:AFTER", done.stderr[-2000:]
+
+
+def test_spent_checkpoint_copies_of_dead_trainings_are_swept(tmp_path, monkeypatch):
+    """A training process killed between writing an epoch's local checkpoint copy and reporting it
+    (a stopped trial, a lost node) leaves the copy behind; the next training removes those of
+    processes that are gone, and nothing of a live one."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from jobs import trainer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{trainer.CHECKPOINT_PREFIX}{gone.stdout.strip()}-abc"
+    alive = tmp_path / f"{trainer.CHECKPOINT_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{trainer.CHECKPOINT_PREFIX}notapid"
+    for path in (dead, alive, other):
+        path.mkdir()
+        (path / "student.pt").write_bytes(b"x")
+    trainer.sweep_spent_checkpoints()
+    assert not dead.exists() and alive.exists() and other.exists()
