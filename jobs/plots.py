@@ -85,7 +85,7 @@ def middle_frame(path: str, size: int = 160) -> np.ndarray | None:
 
     try:
         frames, mask = decode_video(path, 3, size)
-    except VideoDecodeError:
+    except (VideoDecodeError, OSError):
         return None
     return frames[1] if mask[1] else frames[0]
 

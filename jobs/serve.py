@@ -5,8 +5,8 @@
 One application, two kinds of deployment:
 - `TextEncoder`, one per index: that index's own student (the copy in its `model/`), encoding
   queries in batches (`@serve.batch`: requests that arrive together share one forward);
-- `SearchApi`, the HTTP ingress (FastAPI): the indexes' embeddings in memory, exact cosine search
-  (`core.index.VideoIndex`), thumbnails of the hits' middle frames, and a search page.
+- `SearchApi`, the HTTP ingress (FastAPI): the indexes' embeddings in memory, cosine search
+  (`core.index.VideoIndex`: exact, or through its HNSW graph for a large index), thumbnails of the hits' middle frames, and a search page.
 
 Routes: `GET /search?q=...&k=5[&index=NAME]` (JSON: ids, scores, paths), `GET /` (the page; with
 `?q=` it searches on load, so a search has a URL), `GET /thumbnail/{index}/{video_id}` (JPEG),
@@ -19,6 +19,7 @@ import asyncio
 import functools
 import html
 import io
+import logging
 import os
 import socket
 import time
@@ -133,17 +134,17 @@ def parse_query(q: str | None, k: str | None) -> tuple[str, int]:
 
 # Above the ingress class: serve.ingress captures the module's names when the class is defined.
 def middle_frame_jpeg(path: str) -> bytes | None:
-    """A video's middle frame as JPEG, or None when it cannot be decoded."""
+    """A video's middle frame (the contact sheet's, `jobs.plots.middle_frame`) as JPEG, or None
+    when it cannot be decoded."""
     from PIL import Image
 
-    from core.video import VideoDecodeError, decode_video
+    from jobs.plots import middle_frame
 
-    try:
-        frames, mask = decode_video(path, 3, THUMBNAIL_PX)
-    except (VideoDecodeError, OSError):
+    frame = middle_frame(path, THUMBNAIL_PX)
+    if frame is None:
         return None
     out = io.BytesIO()
-    Image.fromarray(frames[1] if mask[1] else frames[0]).save(out, format="JPEG", quality=85)
+    Image.fromarray(frame).save(out, format="JPEG", quality=85)
     return out.getvalue()
 
 
@@ -278,8 +279,6 @@ def check_port(host: str, port: int) -> None:
 def start(indexes: list[ServedIndex], host: str = "127.0.0.1", port: int = 8000, kernel: str = "auto",
           replicas: int = 1) -> str:
     """Run the application on the Ray instance this driver is connected to; its URL."""
-    import logging
-
     from jobs.runtime import log_level
 
     # Serve's own INFO lines (replicas starting, endpoints) only at --verbose, and no access-log line
