@@ -92,7 +92,7 @@ def run_distill(
     run: RunLogger | None = None,
     name: str = "distill",
     teacher: TeacherConfig | None = None,
-    fail_after: list[tuple[int, str]] | None = None,
+    fail_after: list[tuple] | None = None,
 ) -> DistillResult:
     """Train a student with a `TorchTrainer`; returns the best checkpoint by val R@1."""
     init_ray(cfg.ray)

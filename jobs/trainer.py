@@ -41,6 +41,10 @@ CHECKPOINT_FILE = "student.pt"
 STATE_FILE = "train_state.pt"
 TARGET_METRIC = "val_t2v_R1"
 FIRST_STEP_KEY = "first_step_unix"  # reported to Ray, not logged to MLflow
+# The MLflow run of the epoch, reported with its metrics. The loop logs no epoch itself: whoever
+# registers the epoch's checkpoint does (`EpochLogger`; Tune's driver for a trial), so an epoch
+# that a restarted worker runs again (its checkpoint was never registered) is logged once.
+RUN_ID_KEY = "mlflow_run_id"
 
 
 # ------------------------------------------------------------------------------ the spec
@@ -51,14 +55,14 @@ class LoopSpec:
     distill: DistillConfig  # temperatures resolved to numbers
     meta: TableMeta
     teacher: TeacherConfig  # the online mode encodes with it
-    run_id: str | None = None  # the MLflow run rank 0 logs into
+    run_id: str | None = None  # the MLflow run of the training
     tracking_uri: str | None = None
     experiment_id: str | None = None
-    fail_after: list[tuple[int, str]] = field(default_factory=list)  # test hook: crash after these epochs
+    fail_after: list[tuple] = field(default_factory=list)  # test hook: crash at these epochs (`_maybe_fail`)
 
     @classmethod
     def for_run(cls, distill: DistillConfig, meta: TableMeta, teacher: TeacherConfig, run: RunLogger | None,
-                fail_after: list[tuple[int, str]] | None = None) -> "LoopSpec":
+                fail_after: list[tuple] | None = None) -> "LoopSpec":
         return cls(distill, meta, teacher, run.run_id if run else None, run.uri if run else None,
                    run.experiment_id if run else None, list(fail_after or []))
 
@@ -233,6 +237,8 @@ def train_loop(config: dict, session: Session | None = None) -> None:
                        logit_scale=float(student.logit_scale.detach()))
         if first_step_at:
             metrics[FIRST_STEP_KEY] = first_step_at
+        if run:
+            metrics[RUN_ID_KEY] = run.run_id
 
         checkpoint_dir = None
         if is_chief:
@@ -248,18 +254,17 @@ def train_loop(config: dict, session: Session | None = None) -> None:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                         "history": history, "best": best, "run_id": spec.run_id},
                        Path(checkpoint_dir) / STATE_FILE)
-            if run:
-                _log_epoch(run, metrics)
             log.warning("distill epoch %d/%d: loss %.4f  val R@1 %.1f  (%.1fs)", epoch + 1, cfg.epochs,
                         metrics["train_loss"], metrics[TARGET_METRIC], metrics["epoch_time_s"])
         if session.world_size > 1:
             metrics = _broadcast(metrics)
         try:
+            _maybe_fail(spec.fail_after, epoch, reported=False)
             session.report(metrics, checkpoint_dir)
         finally:  # reporting copied it to the run's storage; the local copy is spent (also when a trial is stopped)
             if checkpoint_dir:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        _maybe_fail(spec.fail_after, epoch)
+        _maybe_fail(spec.fail_after, epoch, reported=True)
 
     if is_chief and run:
         from jobs.plots import training_curves
@@ -286,9 +291,28 @@ def sweep_spent_checkpoints() -> None:
             pass
 
 
-def _log_epoch(run: RunLogger, metrics: dict) -> None:
+def log_epoch(run: RunLogger, metrics: dict) -> None:
     """One epoch's metrics into MLflow, at the epoch's step (the first-step time is for Tune only)."""
-    run.log_metrics({k: v for k, v in metrics.items() if k != FIRST_STEP_KEY}, step=metrics["epoch"])
+    run.log_metrics({k: v for k, v in metrics.items() if k not in (FIRST_STEP_KEY, RUN_ID_KEY)},
+                    step=metrics["epoch"])
+
+
+class EpochLogger(ray.train.UserCallback):
+    """Ray Train's controller logs each epoch into the run once the epoch's checkpoint is
+    registered (a worker logging its own epochs would log twice those it runs again after its node
+    died between logging and the registration)."""
+
+    def __init__(self, spec: LoopSpec) -> None:
+        self.spec, self.run = spec, None
+
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        if checkpoint is None or not metrics or RUN_ID_KEY not in metrics[0]:
+            return
+        self.run = self.run or self.spec.run()
+        log_epoch(self.run, metrics[0])  # every worker reports the chief's metrics
+
+    def __getstate__(self) -> dict:
+        return {"spec": self.spec, "run": None}  # the MLflow client is made where the callback runs
 
 
 def _report_resume(run: RunLogger | None, state: dict, run_id: str | None, epochs: int) -> None:
@@ -304,7 +328,7 @@ def _report_resume(run: RunLogger | None, state: dict, run_id: str | None, epoch
     if run is None or previous == run_id:
         return  # a worker restart within this run: its epochs are logged already
     for metrics in state["history"]:
-        _log_epoch(run, metrics)
+        log_epoch(run, metrics)
     run.set_tags({"vidkd.resumed_from_run": previous or "(not logged)", "vidkd.resumed_after_epoch": state["epoch"]})
 
 
@@ -319,16 +343,18 @@ def _broadcast(metrics: dict) -> dict:
     return box[0]
 
 
-def _maybe_fail(fail_after: list | None, epoch: int) -> None:
-    """Test hook: after each listed epoch's checkpoint was reported, the chief writes the marker
-    and crashes, once; Ray Train takes the whole worker group down with it. (Only the chief
-    raises: a worker failing first could get the chief killed before the marker is written.)"""
+def _maybe_fail(fail_after: list | None, epoch: int, reported: bool) -> None:
+    """Test hook: for each `(epoch, marker)` entry, once that epoch's checkpoint was reported (or,
+    for `(epoch, marker, "before_report")`, once the epoch ran but before its report, so that the
+    restart runs it again), the chief writes the marker and crashes, once; Ray Train takes the
+    whole worker group down with it. (Only the chief raises: a worker failing first could get the
+    chief killed before the marker is written.)"""
     if not fail_after or ray.train.get_context().get_world_rank() != 0:
         return  # (a Tune trial has no Ray Train context)
-    for fail_epoch, marker in fail_after:
-        if epoch == fail_epoch and not Path(marker).exists():
+    for fail_epoch, marker, *when in fail_after:
+        if epoch == fail_epoch and (when != ["before_report"]) == reported and not Path(marker).exists():
             Path(marker).write_text("failed once\n")
-            raise RuntimeError(f"injected worker failure after epoch {epoch}")
+            raise RuntimeError(f"injected worker failure {'after' if reported else 'in'} epoch {epoch}")
 
 
 def worker_batch_size(distill: DistillConfig, world_size: int) -> int:
@@ -342,11 +368,11 @@ def train_videos(meta: TableMeta, distill: DistillConfig) -> int:
 
 # ------------------------------------------------------------------------------ the trainer
 def make_trainer(spec: LoopSpec, splits: TableSplits, name: str, storage: str,
-                 callbacks: list | None = None) -> TorchTrainer:
+                 callbacks: list | None = None, log_epochs: bool = True) -> TorchTrainer:
     """The `TorchTrainer` of one training: `distill.num_workers` workers on the train split (in a
     new order every epoch) and val, one checkpoint kept (the best by val R@1), Ray's
     worker restarts up to `distill.max_failures`. Distill fits it; a multi-worker Tune trial fits
-    it with Tune's report callback."""
+    it with Tune's report callback (and `log_epochs=False`: Tune's driver logs the trial's epochs)."""
     distill = spec.distill
     return TorchTrainer(
         train_loop,
@@ -358,7 +384,7 @@ def make_trainer(spec: LoopSpec, splits: TableSplits, name: str, storage: str,
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), *([EpochLogger(spec)] if spec.run_id and log_epochs else [])],
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=TARGET_METRIC,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=distill.max_failures),

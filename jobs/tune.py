@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow.fs
 from ray import tune
 from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -29,7 +30,8 @@ from core.config import DistillConfig, SearchDim, TeacherConfig, VidkdConfig, di
 from core.features import TableMeta, read_meta
 from jobs.distill import check_table, log_calibration
 from jobs.tables import TableSplits, split_datasets
-from jobs.trainer import FIRST_STEP_KEY, TARGET_METRIC, LoopSpec, TuneSession, make_trainer, train_loop
+from jobs.trainer import (FIRST_STEP_KEY, RUN_ID_KEY, TARGET_METRIC, LoopSpec, TuneSession, log_epoch, make_trainer,
+                          train_loop)
 from jobs.plots import metric_vs_params, trial_curves
 from jobs.runtime import cluster_cpus, init_ray, quiet_env, run_path, storage_path
 from jobs.tracking import RunLogger
@@ -76,6 +78,27 @@ class TrialTiming(Callback):
         if start is None or first is None or last is None:
             return {}
         return {"startup_s": max(0.0, first - start), "trial_s": max(1e-9, last - start)}
+
+
+class TrialEpochLogger(Callback):
+    """The driver logs each trial's epoch into the trial's MLflow run as Tune takes in the result
+    and its checkpoint: once per epoch, also when a trial started again on its checkpoint runs an
+    epoch a second time, and also for the epoch at which ASHA stops the trial."""
+
+    def __init__(self, parent: RunLogger) -> None:
+        self.parent, self.runs = parent, {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = result.get(RUN_ID_KEY)
+        if not run_id:
+            return
+        if run_id not in self.runs:
+            self.runs[run_id] = RunLogger(self.parent.uri, run_id, self.parent.experiment_id)
+        log_epoch(self.runs[run_id], {k: v for k, v in result.items() if k not in AUTO_RESULT_KEYS
+                                      and isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def __getstate__(self) -> dict:
+        return {"parent": self.parent, "runs": {}}  # the clients are made again where it is restored
 
 
 def apply_params(base: DistillConfig, params: dict[str, float]) -> DistillConfig:
@@ -153,7 +176,7 @@ def tune_trial(params: dict, *, base: dict, meta: dict, teacher: dict, parent: R
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    make_trainer(spec, splits, f"trial-{trial_id}", storage, callbacks=[TuneReportCallback()]).fit()
+    make_trainer(spec, splits, f"trial-{trial_id}", storage, callbacks=[TuneReportCallback()], log_epochs=False).fit()
 
 
 def run_tune(cfg: VidkdConfig, table_dir: str | Path, splits: TableSplits | None = None,
@@ -219,7 +242,7 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, splits: TableSplits | None
             ),
             # a trial resumes (ASHA) from its latest checkpoint only: keep no others. A trial whose
             # process or node dies starts again from that checkpoint, up to `distill.max_failures` times.
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[timing],
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[timing, *([TrialEpochLogger(run)] if run else [])],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       failure_config=tune.FailureConfig(max_failures=base.max_failures)),
         )

@@ -62,8 +62,12 @@ def test_tiny_search_logs_trials_and_writes_a_distill_config(teacher_table, tmp_
     children = client.search_runs([parent.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
     assert len(children) == 4, "one child run per trial, none twice"
+    epochs_by_trial = {t["trial_id"]: t["epochs"] for t in result.trials}
     for child in children:
-        assert child.data.metrics.get("val_t2v_R1") is not None
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "val_t2v_R1"))
+        assert steps == list(range(epochs_by_trial[child.data.params["trial_id"]])), \
+            "each epoch the trial ran once, the one ASHA stopped it at included"
+        assert "mlflow_run_id" not in child.data.metrics and "training_iteration" not in child.data.metrics
         assert child.info.status in ("FINISHED", "KILLED")
     tags = client.get_run(parent.run_id).data.tags
     assert {f"best.{k}" for k in result.best_params} <= set(tags)
