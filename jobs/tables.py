@@ -110,15 +110,16 @@ class TableSplits:
     held: dict[str, Any] = field(default_factory=dict)  # name -> materialized split, when held
 
     def execution_options(self) -> Any:
-        """Ray Data's options for reading these splits (Ray Train applies them to its shards):
-        streamed, the read-ahead bound; held, Ray Train's defaults (None)."""
-        if self.placement.held:
-            return None
+        """Ray Data's options for reading these splits (Ray Train applies them to its shards): rows
+        in the order of the plan, not in the order its tasks finish, so that a training is the same
+        again from its seed; streamed, also the read-ahead bound."""
         from ray.data import ExecutionResources
         from ray.train import DataConfig
 
         options = DataConfig.default_ingest_options()
-        options.resource_limits = ExecutionResources(object_store_memory=self.buffer_bytes)
+        options.preserve_order = True
+        if not self.placement.held:
+            options.resource_limits = ExecutionResources(object_store_memory=self.buffer_bytes)
         return options
 
     def train(self, seed: int) -> Any:
@@ -137,7 +138,9 @@ class TableSplits:
         # bookkeeping, read every epoch: no bar (and, where stdout is not a terminal, no block of
         # progress lines) for each split; the epoch's log line says enough
         table.context.enable_progress_bars = False
-        if not self.placement.held:  # a Tune trial reads it with its own context: bound it there too
+        if self.placement.held:  # materialized in the table's order: every epoch's seeded shuffle permutes one list
+            table.context.execution_options.preserve_order = True
+        else:  # a Tune trial reads it with its own context: the same options there
             table.context.execution_options = self.execution_options()
         return table.filter(expr=col("split").is_in(splits))
 

@@ -167,8 +167,9 @@ def test_train_splits_choose_the_rows_a_training_reads(ray_local, tmp_path, plac
     if placement == "stream":  # its read-ahead bounded, for Ray Train's shards and a Tune trial's reads
         assert student.execution_options().resource_limits.object_store_memory == 256 * 2**20
         assert student.split("val").context.execution_options.resource_limits.object_store_memory == 256 * 2**20
-    else:
-        assert student.execution_options() is None
+    else:  # Ray Train's default ingest options (no read-ahead bound), in order
+        assert student.execution_options().resource_limits.object_store_memory == float("inf")
+    assert student.execution_options().preserve_order
     assert sorted(ids(student.train(seed=0))) == ["v00", "v05", "v10", "v15"]
     assert sorted(ids(student.split("val"))) == ["v02", "v07", "v12", "v17"]
     assert sorted(ids(student.split("test"))) == ["v03", "v08", "v13", "v18"]
@@ -240,3 +241,26 @@ def test_the_loop_spec_travels_as_plain_data():
     spec = LoopSpec(distill, meta, TeacherConfig(kind="none"), "run", "sqlite:///x.db", "1", [(1, "/m")])
     config = json.loads(json.dumps(spec.to_config()))  # what Ray ships is JSON-able
     assert LoopSpec.from_config(config) == spec
+
+
+
+
+@pytest.mark.parametrize("placement", ["object_store", "stream"])
+def test_the_splits_come_in_the_tables_order_whatever_order_the_reads_finish_in(ray_local, tmp_path, placement):
+    """A training is the same again from its seed only when its rows reach the seeded shuffle in
+    the same order: held, the split is materialized in the table's order, not in the order its
+    read tasks finished (two trainings from one seed on the quality bench's table differed); streamed, the reads
+    keep the plan's order. The first part here is large, so its read may finish after the others."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    in_order = []
+    for part, rows in enumerate([20000] + [50] * 7):
+        ids = [f"p{part}-{i:05d}" for i in range(rows)]
+        in_order += ids
+        pq.write_table(pa.table({"video_id": ids, "split": ["val"] * rows, "pad": [b"x" * 200] * rows}),
+                       tmp_path / f"part-{part:06d}.parquet")
+    splits = split_datasets(tmp_path, DistillConfig(table_placement=placement))
+    assert splits.execution_options().preserve_order  # for Ray Train's shards and a Tune trial's reads
+    for _ in range(2):
+        assert [row["video_id"] for row in splits.split("val").iter_rows()] == in_order
