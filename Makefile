@@ -31,11 +31,12 @@ chromium:
 	    echo "warning: chromium could not be installed; the browser check of the UI test will be skipped"; }
 
 test: $(STAMP) chromium
-	$(PY) -m pytest -q -m "not multinode"
+	$(PY) -m pytest -q -m "not multinode and not own_ray_cluster"
 
-# Nodes that die under a running job: a multi-node Ray cluster on this machine (a few minutes). CI runs it after `make test`.
+# Clusters of their own (a few minutes): a head started by `vidkd cluster up` that runs a submitted
+# job, and nodes of a multi-node Ray cluster on this machine that die under a running job. CI runs it after `make test`.
 test-cluster: $(STAMP)
-	$(PY) -m pytest -q -m multinode
+	$(PY) -m pytest -q -m "multinode or own_ray_cluster"
 
 # The fast tier: no Ray instance, no browser, no end-to-end pipeline (a few minutes).
 test-fast: $(STAMP)

@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -265,7 +265,37 @@ def arrow_to_columns(table: pa.Table) -> dict[str, list[Any]]:
     return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
-def table_batches(table_dir: str | Path, meta: TableMeta, split: str, batch_size: int = 64) -> list[FeatureBatch]:
+def table_batches(table_dir: str | Path, meta: TableMeta, split: str, batch_size: int = 64) -> "SplitBatches":
     """One split of a table, read without Ray, as decoded batches (evaluation reads test this way)."""
-    table = read_table(table_dir, split=split)
-    return [decode_batch(arrow_to_columns(table.slice(i, batch_size)), meta) for i in range(0, table.num_rows, batch_size)]
+    return SplitBatches(str(table_dir), meta, split, batch_size)
+
+
+@dataclass(frozen=True)
+class SplitBatches:
+    """One split of a table as decoded batches of `batch_size` rows, in the table's order,
+    streamed: each pass scans the Parquet parts again and holds one batch at a time (decoded
+    frames take several times their JPEG bytes: a 10k-video test split would not fit)."""
+
+    table_dir: str
+    meta: TableMeta
+    split: str
+    batch_size: int = 64
+
+    def __iter__(self) -> Iterator[FeatureBatch]:
+        import pyarrow.dataset as pads
+
+        read_meta(self.table_dir)  # refuses partial tables
+        scanner = pads.dataset(self.table_dir, format="parquet").scanner(
+            filter=pc.field("split") == self.split, batch_size=self.batch_size)
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for record_batch in scanner.to_batches():
+            pending.append(record_batch)
+            rows += record_batch.num_rows
+            while rows >= self.batch_size:
+                table = pa.Table.from_batches(pending)
+                yield decode_batch(arrow_to_columns(table.slice(0, self.batch_size)), self.meta)
+                rest = table.slice(self.batch_size)
+                pending, rows = rest.to_batches(), rest.num_rows
+        if rows:
+            yield decode_batch(arrow_to_columns(pa.Table.from_batches(pending)), self.meta)

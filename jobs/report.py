@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -20,10 +21,13 @@ from jobs.runtime import import_quant_backend
 from jobs.tracking import RunLogger
 
 
-def latency_ms(encode: Callable[[torch.Tensor, torch.Tensor], Any], batches: list[FeatureBatch], videos: int = 16) -> float:
-    """Median milliseconds to embed one video (batch of one), on CPU, after a warm-up call."""
-    samples = [(torch.from_numpy(b.frames[i : i + 1]), torch.from_numpy(b.frame_mask[i : i + 1]))
-               for b in batches for i in range(len(b))][:videos]
+def latency_ms(encode: Callable[[torch.Tensor, torch.Tensor], Any], batches: Iterable[FeatureBatch],
+               videos: int = 16) -> float:
+    """Median milliseconds to embed one video (batch of one), on CPU, after a warm-up call, over
+    the first `videos` videos (read no further)."""
+    every = ((torch.from_numpy(b.frames[i : i + 1].copy()), torch.from_numpy(b.frame_mask[i : i + 1].copy()))
+             for b in batches for i in range(len(b)))
+    samples = list(itertools.islice(every, videos))
     times = []
     with torch.no_grad():
         encode(*samples[0])
@@ -34,7 +38,7 @@ def latency_ms(encode: Callable[[torch.Tensor, torch.Tensor], Any], batches: lis
     return float(sorted(times)[len(times) // 2])
 
 
-def caption_queries(batches: list[FeatureBatch]) -> int:
+def caption_queries(batches: Iterable[FeatureBatch]) -> int:
     """Text-to-video queries of a split: one per caption."""
     return sum(len(caps) for batch in batches for caps in batch.captions)
 

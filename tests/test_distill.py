@@ -103,7 +103,7 @@ def test_online_teacher_gives_the_loss_what_the_cache_gives(teacher_table):
     same teacher either way: the same embeddings, the same CgT and FgT targets, the same terms."""
     cfg, table = teacher_table
     meta = read_meta(table.table_dir)
-    batch = table_batches(table.table_dir, meta, "train", batch_size=8)[0]
+    batch = next(iter(table_batches(table.table_dir, meta, "train", batch_size=8)))
     picks = [i % len(caps) for i, caps in enumerate(batch.captions)]  # not always the first caption
     captions = [caps[p] for caps, p in zip(batch.captions, picks)]
     frames, mask = torch.from_numpy(batch.frames), torch.from_numpy(batch.frame_mask)

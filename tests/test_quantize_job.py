@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from core.features import read_meta, read_table
+from core.features import arrow_to_columns, decode_batch, read_meta, read_table
 from core.quant import read_quantize_config
 from core.student import load_student
 from core.video import normalize_frames
@@ -72,3 +72,20 @@ def test_calibration_reads_only_the_chosen_videos_and_picks_real_frames(teacher_
     assert images.shape == (10, 3, meta.image_size, meta.image_size)
     torch.testing.assert_close(images, expected)
     assert read_table(table.table_dir, split="train", columns=["video_id"], video_ids=["nope"]).num_rows == 0
+
+
+def test_a_split_is_read_as_a_stream_of_batches_in_the_tables_order(teacher_table):
+    """Evaluation streams a split: batches of the asked size (the last one shorter) in the table's
+    order, decoded as a whole read of the split decodes them, and a second pass reads it again."""
+    _, table = teacher_table
+    meta = read_meta(table.table_dir)
+    whole = read_table(table.table_dir, split="train")
+    assert whole.num_rows % 5, "the last batch should be a short one"
+    batches = table_batches(table.table_dir, meta, "train", batch_size=5)
+    first = list(batches)
+    assert [len(b) for b in first] == [5] * (whole.num_rows // 5) + [whole.num_rows % 5]
+    assert [v for b in first for v in b.video_ids] == whole.column("video_id").to_pylist()
+    expected = decode_batch(arrow_to_columns(whole.slice(5, 5)), meta)
+    assert np.array_equal(first[1].frames, expected.frames) and first[1].captions == expected.captions
+    assert np.array_equal(first[1].teacher_video_emb, expected.teacher_video_emb)
+    assert [b.video_ids for b in batches] == [b.video_ids for b in first]
