@@ -66,6 +66,12 @@ class Sampler:
     raylet_pid: int
     address: str
     peaks: Peaks = field(default_factory=Peaks)
+    trace: list[int] = field(default_factory=list)  # the largest process's RSS at each sample
+
+    def quarters(self) -> list[int]:
+        """The largest process's RSS at 25, 50, 75 and 100 % of the stage: growth or one high-water mark?"""
+        return [self.trace[max(0, round(len(self.trace) * q) - 1)] for q in (0.25, 0.5, 0.75, 1.0)] \
+            if self.trace else []
 
     def __enter__(self) -> "Sampler":
         from ray._private.internal_api import get_state_from_address
@@ -82,7 +88,9 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peaks.update(self.sample())
+            sample = self.sample()
+            self.peaks.update(sample)
+            self.trace.append(sample.worker_rss_max)
             self._stop.wait(SAMPLE_S)
 
     def sample(self) -> Peaks:
@@ -150,12 +158,12 @@ def measure(root: Path, manifest: Path, size: int, raylet_pid: int, address: str
         start = time.perf_counter()
         table = run_extract(cfg)
         row["extract_s"] = time.perf_counter() - start
-    row["extract"] = sampler.peaks.__dict__
+    row["extract"] = {**sampler.peaks.__dict__, "worker_rss_quarters": sampler.quarters()}
     with Sampler(raylet_pid, address) as sampler:
         start = time.perf_counter()
         run_distill(cfg, table.table_dir)
         row["distill_s"] = time.perf_counter() - start
-    row["distill"] = sampler.peaks.__dict__
+    row["distill"] = {**sampler.peaks.__dict__, "worker_rss_quarters": sampler.quarters()}
     row["train_videos"] = table.meta.counts.get("train", 0)
     return row
 
@@ -184,6 +192,9 @@ def report(rows: list[dict]) -> str:
                    f"{(b['videos'] - a['videos']) / (b['extract_s'] - a['extract_s']):.1f} videos/s")
     for stage in ("extract", "distill"):
         out.append(f"- {stage}: the largest worker at {large['videos']}: {large[stage]['largest_worker']}")
+        out.append(f"- {stage}: the largest process's RSS at 25 / 50 / 75 / 100 % of the {large['videos']} run: "
+                   + " / ".join(mib(b) for b in large[stage]["worker_rss_quarters"])
+                   + " MiB (flat: one high-water mark; rising: growth with the videos processed)")
         for key in ("driver_rss", "worker_rss_max", "object_store_used"):
             out.append(f"- {stage} peak {key} at {large['videos']} against {small['videos']}: "
                        f"{large[stage][key] / max(small[stage][key], 1):.2f}x (goal: at most 1.2x)")
