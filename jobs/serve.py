@@ -6,7 +6,8 @@ One application, two kinds of deployment:
 - `TextEncoder`, one per index: that index's own student (the copy in its `model/`), encoding
   queries in batches (`@serve.batch`: requests that arrive together share one forward);
 - `SearchApi`, the HTTP ingress (FastAPI): the indexes' embeddings in memory, cosine search
-  (`core.index.VideoIndex`: exact, or through its HNSW graph for a large index), thumbnails of the hits' middle frames, and a search page.
+  (`core.index.VideoIndex`: exact, or through its HNSW graph for a large index), thumbnails of the
+  hits' middle frames, and a search page.
 
 Routes: `GET /search?q=...&k=5[&index=NAME]` (JSON: ids, scores, paths), `GET /` (the page; with
 `?q=` it searches on load, so a search has a URL), `GET /thumbnail/{index}/{video_id}` (JPEG),

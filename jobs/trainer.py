@@ -237,8 +237,8 @@ def train_loop(config: dict, session: Session | None = None) -> None:
                        logit_scale=float(student.logit_scale.detach()))
         if first_step_at:
             metrics[FIRST_STEP_KEY] = first_step_at
-        if run:
-            metrics[RUN_ID_KEY] = run.run_id
+        if spec.run_id:
+            metrics[RUN_ID_KEY] = spec.run_id
 
         checkpoint_dir = None
         if is_chief:

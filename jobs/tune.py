@@ -242,7 +242,8 @@ def run_tune(cfg: VidkdConfig, table_dir: str | Path, splits: TableSplits | None
             ),
             # a trial resumes (ASHA) from its latest checkpoint only: keep no others. A trial whose
             # process or node dies starts again from that checkpoint, up to `distill.max_failures` times.
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[timing, *([TrialEpochLogger(run)] if run else [])],
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      callbacks=[timing, *([TrialEpochLogger(run)] if run else [])],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       failure_config=tune.FailureConfig(max_failures=base.max_failures)),
         )

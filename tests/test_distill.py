@@ -243,14 +243,12 @@ def test_the_loop_spec_travels_as_plain_data():
     assert LoopSpec.from_config(config) == spec
 
 
-
-
 @pytest.mark.parametrize("placement", ["object_store", "stream"])
 def test_the_splits_come_in_the_tables_order_whatever_order_the_reads_finish_in(ray_local, tmp_path, placement):
     """A training is the same again from its seed only when its rows reach the seeded shuffle in
     the same order: held, the split is materialized in the table's order, not in the order its
-    read tasks finished (two trainings from one seed on the quality bench's table differed); streamed, the reads
-    keep the plan's order. The first part here is large, so its read may finish after the others."""
+    read tasks finished (two trainings from one seed on the quality bench's table differed);
+    streamed, the reads keep the plan's order. The first part here is large, so its read may finish after the others."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
